@@ -191,11 +191,12 @@ class Warehouse:
 
 
 def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    row = con.execute(
+    # fetchall, not fetchone: duckdb 2 refuses new work on a connection with an unfinished result
+    rows = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
         [table],
-    ).fetchone()
-    return bool(row and row[0])
+    ).fetchall()
+    return bool(rows and rows[0][0])
 
 
 def _check_same_columns(con: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame) -> None:

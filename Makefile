@@ -1,0 +1,41 @@
+# dedup-assets: the two commands of the README are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+export DAGSTER_HOME := $(CURDIR)
+
+.PHONY: venv demo test test-all dev bench clean
+
+# Create or update the virtualenv. pip here is capped at torch<=2.14.1 (see pyproject.toml).
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+# Set-up + the whole pipeline on the generated sample dataset, then a summary and how to open the UI.
+demo: venv
+	$(BIN)/dedup-assets demo
+
+# Set-up + the test suite (what .ci/run calls).
+test: venv
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+# Also the opt-in slow tests.
+test-all: venv
+	$(BIN)/python -m pytest -q -n 2 -m "not gpu"
+
+# The Dagster UI on http://127.0.0.1:3000 (DAGSTER_HOME = this folder, see dagster.yaml).
+dev: venv
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: venv
+	$(BIN)/python benchmarks/bench_offline_recall.py --quick
+	$(BIN)/python benchmarks/bench_candidate_search.py --quick
+	$(BIN)/python benchmarks/bench_embed_throughput.py --quick
+
+clean:
+	rm -rf data/sample data/generated data/warehouse.duckdb* data/warehouse_files data/dagster_home

@@ -1,0 +1,277 @@
+"""`dedup-assets`: drive the same Definitions headlessly, in a persistent Dagster instance.
+
+    dedup-assets run --source DIR [--warehouse FILE] [--generated DIR]
+                     [--embedder offline|openclip] [--model NAME] [--pretrained TAG|PATH]
+                     [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR]
+    dedup-assets sample --out DIR [--generated-out DIR]
+    dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
+
+`run` registers every shard under --source as a dynamic partition, materializes the per-shard
+assets one shard at a time and then the corpus assets, all through Dagster (the runs show in the
+UI when it uses the same DAGSTER_HOME), prints progress and a summary, and exits non-zero with a
+clear message on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_DAGSTER_YAML = """\
+# Written by dedup-assets for a DAGSTER_HOME it created; see the repository's dagster.yaml.
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+
+def _dagster_home(explicit: str | None, warehouse: Path) -> Path:
+    """DAGSTER_HOME to use: --dagster-home, $DAGSTER_HOME, the cwd if it has dagster.yaml
+    (the repository root), else a folder next to the warehouse."""
+    if explicit:
+        home = Path(explicit)
+    elif os.environ.get("DAGSTER_HOME"):
+        home = Path(os.environ["DAGSTER_HOME"])
+    elif Path("dagster.yaml").exists():
+        home = Path.cwd()
+    else:
+        home = warehouse.parent / "dagster_home"
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DEFAULT_DAGSTER_YAML)
+    return home
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dedup_assets.settings import Settings
+
+    source = Path(args.source)
+    if not source.is_dir():
+        _print(f"error: --source {source} is not a directory (it must hold one folder or .tar per shard)")
+        return 2
+    if args.generated and not Path(args.generated).is_dir():
+        _print(f"error: --generated {args.generated} is not a directory")
+        return 2
+    try:
+        settings = Settings(
+            source=str(source.resolve()),
+            warehouse=str(Path(args.warehouse).resolve()),
+            generated=str(Path(args.generated).resolve()) if args.generated else None,
+            embedder=args.embedder,
+            model=args.model,
+            pretrained=args.pretrained,
+            device=args.device,
+            min_side=args.min_side,
+        )
+    except ValueError as e:
+        _print(f"error: {e}")
+        return 2
+    home = _dagster_home(args.dagster_home, Path(settings.warehouse))
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ.update(settings.to_env())
+
+    from dagster import DagsterInstance, materialize
+
+    from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, CORPUS_ASSETS, PER_SHARD_ASSETS, build_resources
+    from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
+    from dedup_assets.ingest.shards import discover_shards
+    from dedup_assets.warehouse import Warehouse
+
+    shards, rejected = discover_shards(source)
+    for r in rejected:
+        _print(f"skipping shard {r.path}: {r.reason}")
+    if not shards:
+        _print(f"error: no shards under {source} (expected <shard>/ folders or <shard>.tar files)")
+        return 2
+
+    instance = DagsterInstance.get()
+    known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    new = [s.name for s in shards if s.name not in known]
+    if new:
+        instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
+    _print(
+        f"dedup-assets: {len(shards)} shard(s) under {source} ({len(new)} newly registered); "
+        f"warehouse {settings.warehouse}; embedder {settings.embedder}; DAGSTER_HOME {home}"
+    )
+
+    resources = build_resources(settings)
+    # One command re-embeds every shard, so vectors of a previous embedder are replaced, not mixed.
+    resources["embedder"] = resources["embedder"].model_copy(update={"on_model_change": "reset"})
+    wh = Warehouse(settings.warehouse)
+    failures: list[str] = []
+    started = time.perf_counter()
+    total_images = 0
+    for n, shard in enumerate(shards, 1):
+        t0 = time.perf_counter()
+        result = materialize(
+            ALL_ASSETS + ALL_CHECKS,
+            selection=PER_SHARD_ASSETS,
+            partition_key=shard.name,
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+            tags={"dedup-assets/cli": "run"},
+        )
+        dt = time.perf_counter() - t0
+        rows = wh.query("SELECT count(*) AS n FROM image_index WHERE shard = $s", {"s": shard.name})["n"][0] \
+            if wh.table_exists("image_index") else 0
+        total_images += int(rows)
+        status = "ok" if result.success else "FAILED"
+        _print(
+            f"[{n}/{len(shards)}] shard {shard.name}: {rows} files in {dt:.1f}s "
+            f"({rows / max(dt, 1e-9):.1f} images/s) {status}  run {result.run_id[:8]}"
+        )
+        if not result.success:
+            failures.extend(_failed_steps(result))
+    _print(f"per-shard stage: {total_images} files in {time.perf_counter() - started:.1f}s")
+
+    t0 = time.perf_counter()
+    result = materialize(
+        ALL_ASSETS + ALL_CHECKS,
+        selection=CORPUS_ASSETS,
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+        tags={"dedup-assets/cli": "run"},
+    )
+    _print(f"corpus stage: {'ok' if result.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s  run {result.run_id[:8]}")
+    if not result.success:
+        failures.extend(_failed_steps(result))
+    _print_summary(wh, result)
+    if failures:
+        _print("\nFAILED steps:\n  " + "\n  ".join(failures))
+        return 1
+    _print(
+        f"\nOpen the UI:  DAGSTER_HOME={home} dagster dev -w workspace.yaml   (or `make dev`)\n"
+        f"Query:        duckdb {settings.warehouse} \"SELECT * FROM filtered_dataset LIMIT 5\""
+    )
+    return 0
+
+
+def _failed_steps(result) -> list[str]:  # noqa: ANN001
+    out = []
+    for ev in result.all_events:
+        if ev.is_step_failure:
+            err = ev.step_failure_data.error
+            msg = err.message.strip().splitlines()[-1] if err else "unknown error"
+            out.append(f"{ev.step_key}: {msg}")
+    return out
+
+
+def _print_summary(wh, result) -> None:  # noqa: ANN001
+    def count(table: str, where: str = "") -> int | str:
+        if not wh.table_exists(table):
+            return "-"
+        return int(wh.query(f"SELECT count(*) AS n FROM {table} {where}")["n"][0])
+
+    _print("\nSummary")
+    for label, table, where in [
+        ("indexed files", "image_index", ""),
+        ("decoded ok", "image_index", "WHERE status = 'ok'"),
+        ("passed pre-filters", "prefilter", "WHERE passed"),
+        ("embedded", "embeddings", ""),
+        ("candidate pairs", "candidate_pairs", ""),
+        ("images in duplicate groups", "duplicate_groups", ""),
+        ("duplicate groups", "duplicate_groups", "WHERE is_keeper"),
+        ("kept (filtered_dataset)", "filtered_dataset", ""),
+        ("removed", "removed_images", ""),
+        ("audited generated images", "regurgitation_audit", "WHERE rank = 1"),
+        ("flagged near-copies", "regurgitation_audit", "WHERE flagged AND rank = 1"),
+    ]:
+        _print(f"  {label:<28} {count(table, where)}")
+    for ev in result.all_events:
+        if ev.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = ev.event_specific_data
+            _print(f"  check {data.check_name:<22} {'passed' if data.passed else 'FAILED'}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from dedup_assets.sample_data import write_sample_dataset
+
+    info = write_sample_dataset(Path(args.out), Path(args.generated_out) if args.generated_out else None)
+    _print(f"wrote sample dataset: {info}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dedup_assets.sample_data import write_sample_dataset
+
+    data = Path(args.data)
+    info = write_sample_dataset(data / "sample", data / "generated")
+    _print(f"sample dataset: {info}")
+    ns = argparse.Namespace(
+        source=str(data / "sample"),
+        warehouse=str(data / "warehouse.duckdb"),
+        generated=str(data / "generated"),
+        embedder="offline",
+        model="ViT-B-32",
+        pretrained=None,
+        device="auto",
+        min_side=args.min_side,
+        dagster_home=args.dagster_home,
+    )
+    _print(f"(demo uses min side {args.min_side} px instead of the Conceptual Captions 400 px: the sample images are small)")
+    return cmd_run(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dedup_assets.settings import DEFAULT_WAREHOUSE, ENV_SOURCE
+
+    p = argparse.ArgumentParser(prog="dedup-assets", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="index, filter, embed, dedup, reweight and audit a dataset")
+    r.add_argument("--source", default=os.environ.get(ENV_SOURCE), required=not os.environ.get(ENV_SOURCE),
+                   help=f"dataset root with one folder or .tar per shard (env {ENV_SOURCE})")
+    r.add_argument("--warehouse", default=os.environ.get("DEDUP_ASSETS_WAREHOUSE", DEFAULT_WAREHOUSE))
+    r.add_argument("--generated", default=os.environ.get("DEDUP_ASSETS_GENERATED"),
+                   help="folder of model-generated images to audit")
+    r.add_argument("--embedder", choices=["offline", "openclip"], default="offline")
+    r.add_argument("--model", default="ViT-B-32", help="open_clip model name")
+    r.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    r.add_argument("--min-side", type=int, default=400, help="pre-filter minimum side in px (default 400)")
+    r.add_argument("--dagster-home", default=None)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sample", help="write the synthetic sample dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--generated-out", default=None)
+    s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser("demo", help="write the sample dataset under data/ and run everything on it")
+    d.add_argument("--data", default="data")
+    d.add_argument("--min-side", type=int, default=128)
+    d.add_argument("--dagster-home", default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a clear one-line message, not a traceback, for expected failures
+        from dedup_assets.embed.openclip import ModelUnavailableError
+
+        if isinstance(e, (ModelUnavailableError, FileNotFoundError, ValueError)):
+            _print(f"error: {e}")
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The Dagster code location: every asset, check, resource, sensor, schedule and job.
+
+Settings come from the environment (see `dedup_assets.settings` and the README), so the UI
+(`dagster dev`), sensor-launched runs and `dedup-assets run` all see the same data.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, ScheduleDefinition, define_asset_job
+
+from dedup_assets.defs.curate import (
+    CurateResource,
+    filtered_dataset,
+    filtered_dataset_accounting,
+    no_regurgitation,
+    regurgitation_audit,
+)
+from dedup_assets.defs.dedup import (
+    DedupResource,
+    candidate_pairs,
+    candidate_pairs_recall,
+    clusterings,
+    duplicate_groups,
+)
+from dedup_assets.defs.embed import embeddings, embeddings_unit_norm_one_model
+from dedup_assets.defs.filters import PrefilterResource, prefilter
+from dedup_assets.defs.ingest import (
+    discover_shards_job,
+    discovery_schedule,
+    image_index,
+    image_index_ids_unique,
+    shard_job,
+    shard_sensor,
+)
+from dedup_assets.defs.resources import resources_from_settings
+from dedup_assets.settings import Settings
+
+PER_SHARD_ASSETS = [image_index, prefilter, embeddings]
+CORPUS_ASSETS = [clusterings, candidate_pairs, duplicate_groups, filtered_dataset, regurgitation_audit]
+ALL_ASSETS = [*PER_SHARD_ASSETS, *CORPUS_ASSETS]
+ALL_CHECKS = [
+    image_index_ids_unique,
+    embeddings_unit_norm_one_model,
+    candidate_pairs_recall,
+    filtered_dataset_accounting,
+    no_regurgitation,
+]
+
+corpus_job = define_asset_job(
+    "corpus_job",
+    selection=AssetSelection.assets(*CORPUS_ASSETS),
+    description="Cluster, find pairs, group, filter, reweight and audit over every shard.",
+)
+
+
+def build_resources(settings: Settings) -> dict:
+    resources = resources_from_settings(settings)
+    resources.update(
+        dedup=DedupResource(),
+        prefilters=PrefilterResource(min_side=settings.min_side),
+        curate=CurateResource(),
+    )
+    return resources
+
+
+def build_definitions(settings: Settings | None = None) -> Definitions:
+    settings = settings or Settings.from_env()
+    return Definitions(
+        assets=ALL_ASSETS,
+        asset_checks=ALL_CHECKS,
+        jobs=[shard_job, corpus_job, discover_shards_job],
+        sensors=[shard_sensor],
+        schedules=[
+            discovery_schedule(settings.discovery_cron),
+            ScheduleDefinition(
+                name="corpus_schedule",
+                job=corpus_job,
+                cron_schedule=settings.corpus_cron,
+                description="Refreshes dedup, the filtered set and the audit over all shards.",
+            ),
+        ],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions()

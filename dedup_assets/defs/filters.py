@@ -1,0 +1,95 @@
+"""Filter stage: the per-shard `prefilter` asset (image, caption and content-safety filters)."""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResult, MetadataValue, asset
+from PIL import Image
+from pydantic import Field
+
+from dedup_assets.defs.metadata import counts_md, markdown_preview
+from dedup_assets.defs.partitions import shards_partitions
+from dedup_assets.defs.resources import DatasetResource, WarehouseResource
+from dedup_assets.filters.config import PrefilterConfig, check_dependencies
+from dedup_assets.filters.run import run_prefilter, summarize_prefilter
+from dedup_assets.ingest.decode import decode_rgb
+from dedup_assets.ingest.shards import read_location
+
+GROUP = "filters"
+
+
+class PrefilterResource(ConfigurableResource):
+    """Thresholds of the Conceptual-Captions-style filters; all of them appear in run metadata."""
+
+    min_side: int = Field(default=400, description="Minimum width and height in pixels (CC: 400).")
+    max_aspect_ratio: float = Field(default=2.0, description="Maximum long side / short side (CC: 2).")
+    max_file_bytes: int | None = Field(default=None)
+    languages: list[str] | None = Field(
+        default=["en"], description="Allowed caption languages (ISO 639-1); null disables the check."
+    )
+    profanity: bool = Field(default=True)
+    nsfw: bool = Field(default=False, description="Run the offline NSFW detector (extra 'nsfw').")
+    nsfw_threshold: float = Field(default=0.3, description="Lower removes more (biased toward removal).")
+
+    def config(self) -> PrefilterConfig:
+        return PrefilterConfig(
+            min_side=self.min_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+            max_file_bytes=self.max_file_bytes,
+            languages=tuple(self.languages) if self.languages else None,
+            profanity=self.profanity,
+            nsfw=self.nsfw,
+            nsfw_threshold=self.nsfw_threshold,
+        )
+
+
+def _load_image(location: str) -> Image.Image:
+    return decode_rgb(read_location(location), target_side=320)
+
+
+@asset(
+    partitions_def=shards_partitions,
+    group_name=GROUP,
+    deps=["image_index"],
+    pool="gpu",
+    kinds={"duckdb", "python"},
+    description=(
+        "One row per indexed file of the shard: whether it passed the image, caption and content "
+        "filters, every reason it failed, and the scores behind them."
+    ),
+)
+def prefilter(
+    context: AssetExecutionContext,
+    dataset: DatasetResource,
+    prefilters: PrefilterResource,
+    warehouse: WarehouseResource,
+) -> MaterializeResult:
+    cfg = prefilters.config()
+    check_dependencies(cfg)
+    wh = warehouse.get()
+    shard = context.partition_key
+    index = wh.query("SELECT * FROM image_index WHERE shard = $shard ORDER BY image_id", {"shard": shard})
+    started = time.perf_counter()
+    df = run_prefilter(index, cfg, load_image=_load_image, log=context.log.info)
+    wh.replace_partition("prefilter", df, "shard", shard)
+    seconds = time.perf_counter() - started
+    summary = summarize_prefilter(df)
+    passed = int(df["passed"].sum()) if df.height else 0
+    removed_by = {str(k): int(v) for k, v in (summary.get("removed_by_reason") or {}).items()}
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": df.height,
+            "passed": passed,
+            "removed": df.height - passed,
+            "removed_by_reason": counts_md(removed_by),
+            "examples_by_reason": MetadataValue.json(summary.get("examples", {})),
+            "thresholds": MetadataValue.json(cfg.describe()),
+            "seconds": round(seconds, 3),
+            "preview": markdown_preview(
+                df.filter(~pl.col("passed")).with_columns(pl.col("reasons").list.join(","))
+                .select("image_id", "reasons", "caption_clean")
+            ),
+        }
+    )

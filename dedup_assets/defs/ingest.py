@@ -1,0 +1,160 @@
+"""Ingest stage: shard discovery (sensor + schedule) and the per-shard `image_index` asset."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetSelection,
+    MaterializeResult,
+    MetadataValue,
+    OpExecutionContext,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    asset,
+    asset_check,
+    define_asset_job,
+    job,
+    op,
+    sensor,
+)
+
+from dedup_assets.defs.metadata import counts_md, markdown_preview
+from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME, shards_partitions
+from dedup_assets.defs.resources import DatasetResource, WarehouseResource
+from dedup_assets.ingest.index import index_shard, summarize_index
+from dedup_assets.ingest.shards import discover_shards, find_shard
+
+GROUP = "ingest"
+
+
+@asset(
+    partitions_def=shards_partitions,
+    group_name=GROUP,
+    kinds={"duckdb", "python"},
+    description=(
+        "One row per file found in the shard, including files that fail to decode: image_id "
+        "(<shard>/<key>), location, caption, url, sha256, format, size after EXIF orientation, "
+        "and status ('ok' or a machine-readable reason)."
+    ),
+)
+def image_index(
+    context: AssetExecutionContext, dataset: DatasetResource, warehouse: WarehouseResource
+) -> MaterializeResult:
+    shard = find_shard(dataset.root, context.partition_key)
+    started = time.perf_counter()
+
+    def progress(n: int, elapsed: float) -> None:
+        context.log.info(f"[{shard.name}] indexed {n} files ({n / max(elapsed, 1e-9):.1f} files/s)")
+
+    df = index_shard(shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress)
+    wrote = warehouse.get().replace_partition("image_index", df, "shard", shard.name)
+    seconds = time.perf_counter() - started
+    summary = summarize_index(df)
+    rejected = {k: int(v) for k, v in summary.get("rejected_by_reason", {}).items()}
+    context.log.info(
+        f"[{shard.name}] {wrote} rows ({summary.get('ok', 0)} ok, {sum(rejected.values())} rejected) "
+        f"in {seconds:.2f}s"
+    )
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": wrote,
+            "ok": int(summary.get("ok", 0)),
+            "rejected": int(sum(rejected.values())),
+            "rejected_by_reason": counts_md(rejected),
+            "bytes": int(summary.get("total_bytes", 0)),
+            "seconds": round(seconds, 3),
+            "files_per_second": round(wrote / max(seconds, 1e-9), 1),
+            "shard_kind": shard.kind,
+            "preview": markdown_preview(
+                df.select("image_id", "status", "format", "width", "height", "caption")
+            ),
+        }
+    )
+
+
+@asset_check(asset=image_index, description="image_id is unique within the shard's rows.")
+def image_index_ids_unique(context, warehouse: WarehouseResource) -> AssetCheckResult:
+    dupes = warehouse.get().query(
+        "SELECT image_id, count(*) AS n FROM image_index GROUP BY image_id HAVING count(*) > 1 LIMIT 20"
+    )
+    return AssetCheckResult(
+        passed=dupes.height == 0,
+        metadata={"duplicated_ids": MetadataValue.json(dupes["image_id"].to_list())},
+    )
+
+
+# ------------------------------------------------------------------------------------- discovery
+PER_SHARD_ASSETS = AssetSelection.assets("image_index", "prefilter", "embeddings")
+shard_job = define_asset_job(
+    "shard_job",
+    selection=PER_SHARD_ASSETS,
+    partitions_def=shards_partitions,
+    description="Index, pre-filter and embed one shard.",
+)
+
+
+def new_shards(dataset: DatasetResource, known: set[str]) -> tuple[list[str], list[str]]:
+    """Shard names on disk not in `known`, and the rejected shard paths with their reasons."""
+    if not dataset.root.exists():
+        return [], [f"{dataset.root}: dataset root does not exist"]
+    shards, rejected = discover_shards(dataset.root)
+    return (
+        [s.name for s in shards if s.name not in known],
+        [f"{r.path}: {r.reason}" for r in rejected],
+    )
+
+
+@sensor(
+    job=shard_job,
+    minimum_interval_seconds=60,
+    description=(
+        "Discovers shards that are new under the dataset root, adds one dynamic partition per "
+        "shard, and requests a run that indexes, pre-filters and embeds it."
+    ),
+)
+def shard_sensor(context: SensorEvaluationContext, dataset: DatasetResource) -> SensorResult:
+    requested: set[str] = set(json.loads(context.cursor)) if context.cursor else set()
+    fresh, rejected = new_shards(dataset, requested)
+    for line in rejected:
+        context.log.warning(f"skipping shard {line}")
+    registered = set(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    to_add = [s for s in fresh if s not in registered]
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"shard:{s}", partition_key=s) for s in fresh],
+        dynamic_partitions_requests=[shards_partitions.build_add_request(to_add)] if to_add else [],
+        cursor=json.dumps(sorted(requested | set(fresh))),
+    )
+
+
+@op(description="Registers every valid shard under the dataset root as a partition.")
+def register_shards(context: OpExecutionContext, dataset: DatasetResource) -> list[str]:
+    registered = set(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    fresh, rejected = new_shards(dataset, registered)
+    for line in rejected:
+        context.log.warning(f"skipping shard {line}")
+    if fresh:
+        context.instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, fresh)
+    context.log.info(f"registered {len(fresh)} new shard(s): {fresh[:20]}")
+    return fresh
+
+
+@job(description="Discover shards and register them as partitions (the sensor then runs them).")
+def discover_shards_job() -> None:
+    register_shards()
+
+
+def discovery_schedule(cron: str) -> ScheduleDefinition:
+    """Re-runs discovery on a cron (DEDUP_ASSETS_DISCOVERY_CRON), so shards are registered even
+    while the sensor is off."""
+    return ScheduleDefinition(
+        name="discovery_schedule",
+        job=discover_shards_job,
+        cron_schedule=cron,
+        description=f"Registers new shards as partitions on the cron '{cron}'.",
+    )

@@ -1,0 +1,148 @@
+"""Resources shared by every stage: the warehouse, the dataset location, and the embedder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from dedup_assets.embed.base import Embedder
+from dedup_assets.ingest.decode import DecodeLimits
+from dedup_assets.settings import Settings
+from dedup_assets.warehouse import Warehouse
+
+
+class WarehouseResource(ConfigurableResource):
+    """The DuckDB file that holds one table per asset."""
+
+    path: str = Field(description="Path of the DuckDB warehouse file.")
+
+    def get(self) -> Warehouse:
+        return Warehouse(self.path)
+
+    @property
+    def directory(self) -> Path:
+        """Folder next to the warehouse for exports, manifests and HTML reports."""
+        p = Path(self.path)
+        out = p.with_name(p.stem + "_files")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+class DatasetResource(ConfigurableResource):
+    """Where the shards (and, optionally, a model's generated images) live."""
+
+    source: str = Field(description="Dataset root: one folder or WebDataset tar per shard.")
+    generated: str | None = Field(
+        default=None, description="Folder of images a model generated, for the regurgitation audit."
+    )
+    max_pixels: int = Field(
+        default=89_478_485,
+        description="Images above this many pixels are rejected before decoding (bounded memory).",
+    )
+    min_decodable_side: int = Field(
+        default=8, description="Images with a side below this are recorded as too_small."
+    )
+    index_workers: int = Field(default=2, description="Decode worker processes for the index.")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.source)
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_decodable_side)
+
+
+class EmbedderResource(ConfigurableResource):
+    """The image embedder, chosen by configuration: the built-in offline one or open_clip.
+
+    The model is built once per process in `setup_for_execution` and kept in a private attribute.
+    Asking for open_clip weights that are not available offline fails at once with a message that
+    says what to do; there is no silent fallback to another model.
+    """
+
+    kind: Literal["offline", "openclip"] = Field(
+        default="offline", description="'offline' (built in, no weights) or 'openclip'."
+    )
+    model: str = Field(default="ViT-B-32", description="open_clip model name.")
+    pretrained: str | None = Field(
+        default=None,
+        description="open_clip pretrained tag (needs a populated cache) or a local checkpoint path.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="auto = fp16 on GPU, fp32 on CPU."
+    )
+    batch_size: int = Field(default=64)
+    workers: int = Field(default=2, description="Decode/prepare worker processes.")
+    allow_random_weights: bool = Field(
+        default=False,
+        description="Allow an open_clip model with random weights (tests only; never for real data).",
+    )
+    on_model_change: Literal["fail", "reset"] = Field(
+        default="fail",
+        description=(
+            "When the warehouse holds vectors of another model: 'fail' with a message, or 'reset' "
+            "(delete the other model's vectors so every shard is re-embedded with this one)."
+        ),
+    )
+
+    _embedder: Embedder | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._embedder = self.build()
+
+    def build(self) -> Embedder:
+        if self.kind == "offline":
+            from dedup_assets.embed.offline import OfflineEmbedder
+
+            return OfflineEmbedder()
+        from dedup_assets.embed.openclip import OpenClipConfig, OpenClipEmbedder
+
+        emb = OpenClipEmbedder(
+            OpenClipConfig(
+                model=self.model,
+                pretrained=self.pretrained,
+                device=self.device,
+                precision=self.precision,
+                batch_size=self.batch_size,
+                allow_random=self.allow_random_weights,
+            )
+        )
+        emb.load()
+        return emb
+
+    def get(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = self.build()
+        return self._embedder
+
+    def duplicate_threshold(self) -> float:
+        """The embedder's calibrated near-copy cosine, without loading model weights."""
+        if self._embedder is not None:
+            return float(self._embedder.duplicate_threshold)
+        if self.kind == "offline":
+            from dedup_assets.embed.offline import OfflineEmbedder
+
+            return float(OfflineEmbedder().duplicate_threshold)
+        from dedup_assets.embed.openclip import OpenClipConfig, OpenClipEmbedder
+
+        cfg = OpenClipConfig(model=self.model, pretrained=self.pretrained, allow_random=True)
+        return float(OpenClipEmbedder(cfg).duplicate_threshold)
+
+
+def resources_from_settings(settings: Settings) -> dict[str, ConfigurableResource]:
+    """The resource set for one configuration (used by `definitions.py` and the CLI)."""
+    return {
+        "warehouse": WarehouseResource(path=settings.warehouse),
+        "dataset": DatasetResource(source=settings.source, generated=settings.generated),
+        "embedder": EmbedderResource(
+            kind=settings.embedder,  # type: ignore[arg-type]
+            model=settings.model,
+            pretrained=settings.pretrained,
+            device=settings.device,  # type: ignore[arg-type]
+        ),
+    }
