@@ -106,6 +106,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
     resources = build_resources(settings)
+    if settings.embedder == "openclip":
+        # Fail before any run starts when the weights cannot be had (no silent fallback).
+        from dedup_assets.embed.openclip import ModelUnavailableError
+
+        try:
+            resources["embedder"].build()
+        except ModelUnavailableError as e:
+            _print(f"error: {e}")
+            return 2
     # One command re-embeds every shard, so vectors of a previous embedder are replaced, not mixed.
     resources["embedder"] = resources["embedder"].model_copy(update={"on_model_change": "reset"})
     wh = Warehouse(settings.warehouse)

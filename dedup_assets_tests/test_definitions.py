@@ -1,0 +1,91 @@
+"""The code location loads; the sensor and the schedule discover shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dagster import DagsterInstance, Definitions, build_schedule_context, build_sensor_context
+
+from dedup_assets.definitions import build_definitions
+from dedup_assets.defs.ingest import discover_shards_job, shard_sensor
+from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
+from dedup_assets.defs.resources import DatasetResource
+from dedup_assets.settings import Settings
+
+EXPECTED_ASSETS = {
+    "image_index",
+    "prefilter",
+    "embeddings",
+    "clusterings",
+    "candidate_pairs",
+    "duplicate_groups",
+    "filtered_dataset",
+    "regurgitation_audit",
+}
+
+
+def _shard_folder(root: Path, name: str) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "a.txt").write_text("caption")
+
+
+def test_definitions_load_with_every_asset_check_sensor_and_schedule(tmp_path: Path) -> None:
+    defs = build_definitions(Settings(source=str(tmp_path), warehouse=str(tmp_path / "w.duckdb")))
+    Definitions.validate_loadable(defs)
+    repo = defs.get_repository_def()
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert keys == EXPECTED_ASSETS
+    checks = {k.name for k in repo.asset_graph.asset_check_keys}
+    assert {"candidate_pairs_recall", "filtered_dataset_accounting", "no_regurgitation"} <= checks
+    assert {s.name for s in repo.sensor_defs} == {"shard_sensor"}
+    assert {s.name for s in repo.schedule_defs} == {"discovery_schedule", "corpus_schedule"}
+    pools = {k.to_user_string(): repo.assets_defs_by_key[k].specs_by_key[k].pool for k in repo.assets_defs_by_key}
+    assert pools["embeddings"] == "gpu" and pools["clusterings"] == "gpu"
+
+
+def test_module_level_defs_import() -> None:
+    import dedup_assets.definitions as d
+
+    assert isinstance(d.defs, Definitions)
+
+
+def test_sensor_adds_partitions_and_requests_runs_only_for_new_shards(tmp_path: Path, instance: DagsterInstance) -> None:
+    root = tmp_path / "src"
+    _shard_folder(root, "00000")
+    _shard_folder(root, "it's shard (1)")
+    (root / "bad,name").mkdir()  # not a valid partition key: skipped with a warning
+    dataset = DatasetResource(source=str(root))
+
+    ctx = build_sensor_context(instance=instance, resources={"dataset": dataset})
+    res = shard_sensor(ctx)
+    assert sorted(r.partition_key for r in res.run_requests) == ["00000", "it's shard (1)"]
+    assert sorted(res.dynamic_partitions_requests[0].partition_keys) == ["00000", "it's shard (1)"]
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, list(res.dynamic_partitions_requests[0].partition_keys))
+
+    ctx2 = build_sensor_context(instance=instance, resources={"dataset": dataset}, cursor=res.cursor)
+    res2 = shard_sensor(ctx2)
+    assert res2.run_requests == [] and not res2.dynamic_partitions_requests
+
+    _shard_folder(root, "00002")
+    ctx3 = build_sensor_context(instance=instance, resources={"dataset": dataset}, cursor=res2.cursor)
+    res3 = shard_sensor(ctx3)
+    assert [r.partition_key for r in res3.run_requests] == ["00002"]
+    assert set(json.loads(res3.cursor)) == {"00000", "it's shard (1)", "00002"}
+
+
+def test_discovery_schedule_runs_the_job_that_registers_shards(tmp_path: Path, instance: DagsterInstance) -> None:
+    root = tmp_path / "src"
+    _shard_folder(root, "a")
+    _shard_folder(root, "b")
+    defs = build_definitions(Settings(source=str(root), warehouse=str(tmp_path / "w.duckdb"), discovery_cron="*/5 * * * *"))
+    schedule = defs.get_schedule_def("discovery_schedule")
+    assert schedule.cron_schedule == "*/5 * * * *"
+    requests = schedule.evaluate_tick(build_schedule_context(instance=instance)).run_requests
+    assert len(requests) == 1 and requests[0].job_name in (None, "discover_shards_job")
+
+    result = discover_shards_job.execute_in_process(
+        instance=instance, resources={"dataset": DatasetResource(source=str(root))}
+    )
+    assert result.success
+    assert sorted(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)) == ["a", "b"]

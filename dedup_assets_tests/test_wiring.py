@@ -1,0 +1,133 @@
+"""Wiring: the real assets materialized with `dagster.materialize` into a DuckDB file in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterInstance, materialize
+
+from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, CORPUS_ASSETS, PER_SHARD_ASSETS, build_resources
+from dedup_assets.defs.embed import embeddings
+from dedup_assets.defs.ingest import image_index
+from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
+from dedup_assets.settings import Settings
+from dedup_assets.warehouse import Warehouse
+from dedup_assets_tests.conftest import SmallDataset
+
+
+def _settings(ds: SmallDataset, tmp_path: Path) -> Settings:
+    return Settings(
+        source=str(ds.root), warehouse=str(tmp_path / "wh.duckdb"), generated=str(ds.generated), min_side=64
+    )
+
+
+def _materialize_shards(ds: SmallDataset, settings: Settings, instance: DagsterInstance, selection) -> None:
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ds.shards)
+    resources = build_resources(settings)
+    for shard in ds.shards:
+        result = materialize(
+            ALL_ASSETS + ALL_CHECKS, selection=selection, partition_key=shard, resources=resources, instance=instance
+        )
+        assert result.success
+
+
+def test_image_index_rows_and_rematerialize_does_not_duplicate(
+    small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    settings = _settings(small_dataset, tmp_path)
+    _materialize_shards(small_dataset, settings, instance, [image_index])
+    wh = Warehouse(settings.warehouse)
+    df = wh.read_table("image_index")
+    assert set(df["shard"].unique()) == {"s0", "s1"}
+    statuses = dict(zip(df["image_id"].to_list(), df["status"].to_list()))
+    for image_id, reason in small_dataset.hostile.items():
+        assert statuses[image_id] == reason
+    ok = df.filter(pl.col("status") == "ok")
+    assert ok.height == df.height - len(small_dataset.hostile)
+    row = df.filter(pl.col("image_id") == "s1/b001").row(0, named=True)
+    assert row["caption"] == "a picture number 1 of a calm scene"
+    assert row["url"] == "https://example.org/1.jpg"
+    assert row["location"].startswith(str(small_dataset.root / "s1.tar"))
+    assert len(row["sha256"]) == 64 and row["width"] > 0 and row["format"] == "JPEG"
+    before = df.height
+    _materialize_shards(small_dataset, settings, instance, [image_index])  # again
+    assert wh.read_table("image_index").height == before
+    mat = instance.get_latest_materialization_event(image_index.key)
+    assert mat is not None and "rejected_by_reason" in mat.asset_materialization.metadata
+
+
+def test_embeddings_vectors_read_back(small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance) -> None:
+    settings = _settings(small_dataset, tmp_path)
+    _materialize_shards(small_dataset, settings, instance, [image_index, embeddings])
+    wh = Warehouse(settings.warehouse)
+    ok_ids = wh.query("SELECT image_id FROM image_index WHERE status = 'ok' ORDER BY image_id")["image_id"].to_list()
+    ids, x = wh.read_vectors("embeddings", "image_id", "embedding")
+    assert ids == ok_ids
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4)
+    models = wh.query("SELECT DISTINCT model FROM embeddings")["model"].to_list()
+    assert len(models) == 1 and models[0].startswith("dedup-assets/offline")
+
+
+def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
+    small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    settings = _settings(small_dataset, tmp_path)
+    _materialize_shards(small_dataset, settings, instance, PER_SHARD_ASSETS)
+    result = materialize(
+        ALL_ASSETS + ALL_CHECKS, selection=CORPUS_ASSETS, resources=build_resources(settings), instance=instance
+    )
+    assert result.success
+    wh = Warehouse(settings.warehouse)
+
+    groups = wh.read_table("duplicate_groups")
+    group_of = dict(zip(groups["image_id"].to_list(), groups["group_id"].to_list()))
+    for copy_id, base_id in small_dataset.planted.items():
+        assert copy_id in group_of and group_of.get(base_id) == group_of[copy_id], (copy_id, base_id)
+    assert groups.group_by("group_id").agg(pl.col("is_keeper").sum())["is_keeper"].to_list() == [1] * groups["group_id"].n_unique()
+
+    index = wh.read_table("image_index")
+    kept = wh.read_table("filtered_dataset")
+    removed = wh.read_table("removed_images")
+    assert kept.height + removed.height == index.height
+    assert set(kept["image_id"]) | set(removed["image_id"]) == set(index["image_id"])
+    assert abs(kept["weight"].mean() - 1.0) < 1e-6
+    reasons = dict(zip(removed["image_id"].to_list(), removed["reason"].to_list()))
+    assert reasons["s0/truncated"] == "decode:truncated"
+    dup_removed = [r for r in reasons.values() if r.startswith("duplicate_of:")]
+    assert len(dup_removed) >= len(small_dataset.planted) // 2
+
+    audit = wh.read_table("regurgitation_audit")
+    flagged = set(audit.filter(pl.col("flagged"))["generated"].to_list())
+    assert set(small_dataset.generated_copies) <= flagged
+    assert not flagged & set(small_dataset.generated_novel)
+
+    checks = {
+        e.event_specific_data.check_name: e.event_specific_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert checks["filtered_dataset_accounting"] is True
+    assert checks["no_regurgitation"] is False  # the planted copies are near-copies
+    assert "candidate_pairs_recall" in checks
+    assert (Path(settings.warehouse).parent / "wh_files" / "filtered_dataset.parquet").exists()
+
+
+def test_changing_the_embedder_fails_instead_of_mixing_models(
+    small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    settings = _settings(small_dataset, tmp_path)
+    _materialize_shards(small_dataset, settings, instance, [image_index, embeddings])
+    wh = Warehouse(settings.warehouse)
+    with wh.connect() as con:  # pretend shard s1 was embedded by another model
+        con.execute("UPDATE embeddings SET model = 'open_clip/other' WHERE shard = 's1'")
+    resources = build_resources(settings)
+    result = materialize(
+        [image_index, embeddings], selection=[embeddings], partition_key="s0", resources=resources,
+        instance=instance, raise_on_error=False,
+    )
+    assert not result.success
+    errors = [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
+    assert any("cannot be compared" in m for m in errors)
