@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from dedup_assets.defs.metadata import counts_md, markdown_preview
-from dedup_assets.defs.partitions import shards_partitions
+from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.shards import Shard, find_shard, iter_shard
@@ -57,6 +57,7 @@ def _ok_records(shard: Shard, ok_ids: set[str]) -> Iterator[tuple[str, bytes]]:
 
 @asset(
     partitions_def=shards_partitions,
+    backfill_policy=SHARD_BACKFILL_POLICY,
     group_name=GROUP,
     deps=["image_index"],
     pool="gpu",
@@ -74,71 +75,83 @@ def embeddings(
 ) -> MaterializeResult:
     wh = warehouse.get()
     emb = embedder.get()
-    shard = find_shard(dataset.root, context.partition_key)
-
-    other = wh.query(
-        "SELECT model, count(*) AS n FROM embeddings WHERE shard <> $shard AND model <> $model GROUP BY model",
-        {"shard": shard.name, "model": emb.model_id},
-    ) if wh.table_exists("embeddings") else pl.DataFrame()
-    if other.height:
-        if embedder.on_model_change == "fail":
-            raise ModelMismatchError(
-                f"the warehouse holds {int(other['n'].sum())} vectors of "
-                f"{other['model'].to_list()} but this run embeds with {emb.model_id!r}; vectors of two "
-                f"models cannot be compared. Re-embed every shard with one model (`dedup-assets run` "
-                f"does, or set the embedder resource's on_model_change='reset'), or go back to the "
-                f"previous embedder."
-            )
-        context.log.warning(
-            f"deleting {int(other['n'].sum())} vectors of {other['model'].to_list()}: "
-            f"every shard must be re-embedded with {emb.model_id}"
-        )
-        with wh.connect() as con:
-            con.execute("DELETE FROM embeddings WHERE model <> ?", [emb.model_id])
-
-    ok = wh.query(
-        "SELECT image_id FROM image_index WHERE shard = $shard AND status = 'ok'", {"shard": shard.name}
-    )
-    ok_ids = set(ok["image_id"].to_list())
-    context.log.info(f"[{shard.name}] embedding {len(ok_ids)} images with {emb.model_id}")
-
-    def progress(n: int, elapsed: float) -> None:
-        context.log.info(f"[{shard.name}] embedded {n}/{len(ok_ids)} ({n / max(elapsed, 1e-9):.1f} images/s)")
-
+    shards = list(context.partition_keys)
+    _guard_one_model(context, wh, emb.model_id, shards, embedder.on_model_change)
     started = time.perf_counter()
-    result = embed_stream(
-        emb,
-        _ok_records(shard, ok_ids),
-        batch_size=embedder.batch_size,
-        workers=embedder.workers,
-        decode_side=getattr(emb, "decode_side", None),
-        progress=progress,
-    )
+    rows = 0
+    failures: list[tuple[str, str, str]] = []
+    missing = 0
+    for name in shards:
+        shard = find_shard(dataset.root, name)
+        ok_ids = set(
+            wh.query(
+                "SELECT image_id FROM image_index WHERE shard = $shard AND status = 'ok'", {"shard": shard.name}
+            )["image_id"].to_list()
+        )
+        context.log.info(f"[{shard.name}] embedding {len(ok_ids)} images with {emb.model_id}")
+
+        def progress(n: int, elapsed: float, name: str = shard.name, total: int = len(ok_ids)) -> None:
+            context.log.info(f"[{name}] embedded {n}/{total} ({n / max(elapsed, 1e-9):.1f} images/s)")
+
+        result = embed_stream(
+            emb,
+            _ok_records(shard, ok_ids),
+            batch_size=embedder.batch_size,
+            workers=embedder.workers,
+            decode_side=getattr(emb, "decode_side", None),
+            progress=progress,
+        )
+        df = embeddings_frame(result.ids, shard.name, result.vectors, emb.model_id)
+        if df.height:
+            wh.replace_partition("embeddings", df, "shard", shard.name)
+        else:
+            wh.delete_partition("embeddings", "shard", shard.name)
+        rows += df.height
+        failures.extend(result.failures)
+        missing += len(ok_ids) - df.height - len(result.failures)
     seconds = time.perf_counter() - started
-    df = embeddings_frame(result.ids, shard.name, result.vectors, emb.model_id)
-    if df.height:
-        wh.replace_partition("embeddings", df, "shard", shard.name)
-    else:
-        wh.delete_partition("embeddings", "shard", shard.name)
-    failures = pl.DataFrame(
-        result.failures, schema={"image_id": pl.String, "reason": pl.String, "error": pl.String}, orient="row"
+    fail_df = pl.DataFrame(
+        failures, schema={"image_id": pl.String, "reason": pl.String, "error": pl.String}, orient="row"
     )
-    missing = len(ok_ids) - df.height - failures.height
-    by_reason = failures.group_by("reason").len().rows() if failures.height else []
+    by_reason = fail_df.group_by("reason").len().rows() if fail_df.height else []
     return MaterializeResult(
         metadata={
-            "dagster/row_count": df.height,
+            "dagster/row_count": rows,
             "model": emb.model_id,
             "dimension": emb.dim,
-            "failed_to_decode": failures.height,
+            "failed_to_decode": fail_df.height,
             "failures_by_reason": counts_md({r: int(n) for r, n in by_reason}),
-            "failures_preview": markdown_preview(failures),
+            "failures_preview": markdown_preview(fail_df),
             "missing_from_shard": missing,
             "seconds": round(seconds, 3),
-            "images_per_second": round(df.height / max(seconds, 1e-9), 1),
+            "images_per_second": round(rows / max(seconds, 1e-9), 1),
             "storage": MetadataValue.text("DuckDB table embeddings, column embedding FLOAT[d]"),
         }
     )
+
+
+def _guard_one_model(context, wh, model_id: str, shards: list[str], on_change: str) -> None:  # noqa: ANN001
+    """Refuse (or, with on_model_change='reset', clear) vectors of another model in other shards."""
+    if not wh.table_exists("embeddings"):
+        return
+    other = wh.query(
+        "SELECT model, count(*) AS n FROM embeddings WHERE NOT list_contains($shards, shard) "
+        "AND model <> $model GROUP BY model",
+        {"shards": shards, "model": model_id},
+    )
+    if not other.height:
+        return
+    n, models = int(other["n"].sum()), other["model"].to_list()
+    if on_change == "fail":
+        raise ModelMismatchError(
+            f"the warehouse holds {n} vectors of {models} but this run embeds with {model_id!r}; "
+            f"vectors of two models cannot be compared. Re-embed every shard with one model "
+            f"(`dedup-assets run` does, or set the embedder resource's on_model_change='reset'), "
+            f"or go back to the previous embedder."
+        )
+    context.log.warning(f"deleting {n} vectors of {models}: every shard must be re-embedded with {model_id}")
+    with wh.connect() as con:
+        con.execute("DELETE FROM embeddings WHERE model <> ?", [model_id])
 
 
 @asset_check(asset=embeddings, description="Every stored vector is unit-norm and all come from one model.")

@@ -10,8 +10,8 @@ from PIL import Image
 from pydantic import Field
 
 from dedup_assets.defs.metadata import counts_md, markdown_preview
-from dedup_assets.defs.partitions import shards_partitions
-from dedup_assets.defs.resources import DatasetResource, WarehouseResource
+from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
+from dedup_assets.defs.resources import WarehouseResource
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import run_prefilter, summarize_prefilter
 from dedup_assets.ingest.decode import decode_rgb
@@ -51,6 +51,7 @@ def _load_image(location: str) -> Image.Image:
 
 @asset(
     partitions_def=shards_partitions,
+    backfill_policy=SHARD_BACKFILL_POLICY,
     group_name=GROUP,
     deps=["image_index"],
     pool="gpu",
@@ -62,18 +63,20 @@ def _load_image(location: str) -> Image.Image:
 )
 def prefilter(
     context: AssetExecutionContext,
-    dataset: DatasetResource,
     prefilters: PrefilterResource,
     warehouse: WarehouseResource,
 ) -> MaterializeResult:
     cfg = prefilters.config()
     check_dependencies(cfg)
     wh = warehouse.get()
-    shard = context.partition_key
-    index = wh.query("SELECT * FROM image_index WHERE shard = $shard ORDER BY image_id", {"shard": shard})
     started = time.perf_counter()
-    df = run_prefilter(index, cfg, load_image=_load_image, log=context.log.info)
-    wh.replace_partition("prefilter", df, "shard", shard)
+    frames = []
+    for shard in context.partition_keys:
+        index = wh.query("SELECT * FROM image_index WHERE shard = $shard ORDER BY image_id", {"shard": shard})
+        part = run_prefilter(index, cfg, load_image=_load_image, log=context.log.info)
+        wh.replace_partition("prefilter", part, "shard", shard)
+        frames.append(part)
+    df = pl.concat(frames) if frames else pl.DataFrame()
     seconds = time.perf_counter() - started
     summary = summarize_prefilter(df)
     passed = int(df["passed"].sum()) if df.height else 0

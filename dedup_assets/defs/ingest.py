@@ -25,7 +25,7 @@ from dagster import (
 )
 
 from dedup_assets.defs.metadata import counts_md, markdown_preview
-from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME, shards_partitions
+from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, SHARDS_PARTITIONS_NAME, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, WarehouseResource
 from dedup_assets.ingest.index import index_shard, summarize_index
 from dedup_assets.ingest.shards import discover_shards, find_shard
@@ -35,6 +35,7 @@ GROUP = "ingest"
 
 @asset(
     partitions_def=shards_partitions,
+    backfill_policy=SHARD_BACKFILL_POLICY,
     group_name=GROUP,
     kinds={"duckdb", "python"},
     description=(
@@ -46,34 +47,46 @@ GROUP = "ingest"
 def image_index(
     context: AssetExecutionContext, dataset: DatasetResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
-    shard = find_shard(dataset.root, context.partition_key)
+    wh = warehouse.get()
     started = time.perf_counter()
+    per_shard: dict[str, dict] = {}
+    rejected: dict[str, int] = {}
+    frames = []
+    # A backfill may hand this run several shards (BackfillPolicy below); each is its own transaction.
+    for shard_name in context.partition_keys:
+        shard = find_shard(dataset.root, shard_name)
+        t0 = time.perf_counter()
 
-    def progress(n: int, elapsed: float) -> None:
-        context.log.info(f"[{shard.name}] indexed {n} files ({n / max(elapsed, 1e-9):.1f} files/s)")
+        def progress(n: int, elapsed: float, name: str = shard.name) -> None:
+            context.log.info(f"[{name}] indexed {n} files ({n / max(elapsed, 1e-9):.1f} files/s)")
 
-    df = index_shard(shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress)
-    wrote = warehouse.get().replace_partition("image_index", df, "shard", shard.name)
+        df = index_shard(shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress)
+        wh.replace_partition("image_index", df, "shard", shard.name)
+        summary = summarize_index(df)
+        for reason, n in summary.get("rejected_by_reason", {}).items():
+            rejected[reason] = rejected.get(reason, 0) + int(n)
+        per_shard[shard.name] = {"rows": df.height, "ok": int(summary.get("ok", 0)), "kind": shard.kind,
+                                 "bytes": int(summary.get("total_bytes", 0))}
+        context.log.info(
+            f"[{shard.name}] {df.height} rows ({per_shard[shard.name]['ok']} ok) in {time.perf_counter() - t0:.2f}s"
+        )
+        frames.append(df)
     seconds = time.perf_counter() - started
-    summary = summarize_index(df)
-    rejected = {k: int(v) for k, v in summary.get("rejected_by_reason", {}).items()}
-    context.log.info(
-        f"[{shard.name}] {wrote} rows ({summary.get('ok', 0)} ok, {sum(rejected.values())} rejected) "
-        f"in {seconds:.2f}s"
-    )
+    rows = sum(v["rows"] for v in per_shard.values())
+    preview = frames[-1] if frames else None
     return MaterializeResult(
         metadata={
-            "dagster/row_count": wrote,
-            "ok": int(summary.get("ok", 0)),
-            "rejected": int(sum(rejected.values())),
+            "dagster/row_count": rows,
+            "ok": sum(v["ok"] for v in per_shard.values()),
+            "rejected": sum(rejected.values()),
             "rejected_by_reason": counts_md(rejected),
-            "bytes": int(summary.get("total_bytes", 0)),
+            "bytes": sum(v["bytes"] for v in per_shard.values()),
             "seconds": round(seconds, 3),
-            "files_per_second": round(wrote / max(seconds, 1e-9), 1),
-            "shard_kind": shard.kind,
+            "files_per_second": round(rows / max(seconds, 1e-9), 1),
+            "shards": MetadataValue.json(per_shard),
             "preview": markdown_preview(
-                df.select("image_id", "status", "format", "width", "height", "caption")
-            ),
+                preview.select("image_id", "status", "format", "width", "height", "caption")
+            ) if preview is not None else MetadataValue.md("_(no shard)_"),
         }
     )
 

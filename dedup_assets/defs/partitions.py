@@ -1,6 +1,11 @@
 """Shards are partitions: one dynamic partition per shard folder or tar under the dataset root."""
 
-from dagster import DynamicPartitionsDefinition
+from dagster import BackfillPolicy, DynamicPartitionsDefinition
 
 SHARDS_PARTITIONS_NAME = "shards"
 shards_partitions = DynamicPartitionsDefinition(name=SHARDS_PARTITIONS_NAME)
+
+# Shards are independent, but a run costs seconds to start and (for open_clip) to load the model, so
+# a backfill hands up to 8 shards to one run; the per-shard assets loop over `context.partition_keys`
+# and write each shard in its own transaction.
+SHARD_BACKFILL_POLICY = BackfillPolicy.multi_run(max_partitions_per_run=8)
