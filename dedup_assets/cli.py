@@ -2,7 +2,7 @@
 
     dedup-assets run --source DIR [--warehouse FILE] [--generated DIR]
                      [--embedder offline|openclip] [--model NAME] [--pretrained TAG|PATH]
-                     [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR]
+                     [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR] [--refit]
     dedup-assets sample --out DIR [--generated-out DIR]
     dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
 
@@ -149,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = materialize(
         ALL_ASSETS + ALL_CHECKS,
         selection=CORPUS_ASSETS,
+        run_config={"ops": {"clusterings": {"config": {"refit": bool(getattr(args, "refit", False))}}}},
         resources=resources,
         instance=instance,
         raise_on_error=False,
@@ -229,6 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device="auto",
         min_side=args.min_side,
         dagster_home=args.dagster_home,
+        refit=False,
     )
     _print(f"(demo uses min side {args.min_side} px instead of the Conceptual Captions 400 px: the sample images are small)")
     return cmd_run(ns)
@@ -252,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     r.add_argument("--min-side", type=int, default=400, help="pre-filter minimum side in px (default 400)")
     r.add_argument("--dagster-home", default=None)
+    r.add_argument("--refit", action="store_true",
+                   help="refit the k-means clusterings instead of assigning new images to the stored centroids")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sample", help="write the synthetic sample dataset")

@@ -131,3 +131,46 @@ def test_changing_the_embedder_fails_instead_of_mixing_models(
     assert not result.success
     errors = [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
     assert any("cannot be compared" in m for m in errors)
+
+
+def _latest_meta(instance: DagsterInstance, key: str) -> dict:
+    from dagster import AssetKey
+
+    ev = instance.get_latest_materialization_event(AssetKey(key))
+    return {k: v.value for k, v in ev.asset_materialization.metadata.items()}
+
+
+def test_new_shard_is_deduplicated_incrementally_against_the_corpus(
+    small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    settings = _settings(small_dataset, tmp_path)
+    resources = build_resources(settings)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, small_dataset.shards)
+
+    def per_shard(shard: str) -> None:
+        assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key=shard,
+                           resources=resources, instance=instance).success
+
+    def corpus(refit: bool = False) -> None:
+        assert materialize(ALL_ASSETS + ALL_CHECKS, selection=CORPUS_ASSETS, resources=resources, instance=instance,
+                           run_config={"ops": {"clusterings": {"config": {"refit": refit}}}}).success
+
+    per_shard("s0")
+    corpus()
+    assert _latest_meta(instance, "clusterings")["mode"] == "full"
+    per_shard("s1")  # a new shard arrives
+    corpus()
+    assert _latest_meta(instance, "clusterings")["mode"] == "incremental"
+    assert _latest_meta(instance, "candidate_pairs")["mode"] == "incremental"
+    wh = Warehouse(settings.warehouse)
+    inc_groups = wh.read_table("duplicate_groups")
+    group_of = dict(zip(inc_groups["image_id"].to_list(), inc_groups["group_id"].to_list()))
+    for copy_id, base_id in small_dataset.planted.items():  # cross-shard copies joined old groups
+        assert copy_id in group_of and group_of.get(base_id) == group_of[copy_id], (copy_id, base_id)
+    inc_pairs = set(wh.read_table("candidate_pairs").select("image_a", "image_b").iter_rows())
+
+    corpus(refit=True)  # the explicit full refit finds the same duplicates
+    assert _latest_meta(instance, "clusterings")["mode"] == "full"
+    full_pairs = set(wh.read_table("candidate_pairs").select("image_a", "image_b").iter_rows())
+    planted_pairs = {tuple(sorted(p)) for p in small_dataset.planted.items()}
+    assert planted_pairs & full_pairs <= inc_pairs

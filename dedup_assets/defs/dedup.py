@@ -7,6 +7,7 @@ pool. The algorithms live in `dedup_assets.dedup`; this module reads, calls, wri
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
+    Config,
     ConfigurableResource,
     MaterializeResult,
     MetadataValue,
@@ -26,7 +28,8 @@ from dagster import (
 from pydantic import Field
 
 from dedup_assets.dedup.groups import KeeperPolicy, build_groups
-from dedup_assets.dedup.kmeans import Clustering, ClusteringConfig, fit_clusterings
+from dedup_assets.dedup.incremental import needs_refit, pairs_with_new
+from dedup_assets.dedup.kmeans import Clustering, ClusteringConfig, assign, fit_clusterings
 from dedup_assets.dedup.pairs import Pairs, pairs_within_clusters, union_pairs
 from dedup_assets.dedup.recall import estimate_recall
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
@@ -59,6 +62,12 @@ class DedupResource(ConfigurableResource):
     recall_sample: int = Field(default=1000, description="Images sampled by the recall estimate.")
     recall_target: float = Field(default=0.95, description="The recall check warns below this.")
     seed: int = Field(default=0)
+    incremental: bool = Field(
+        default=True, description="Assign new images to the stored centroids instead of refitting."
+    )
+    refit_factor: float = Field(
+        default=2.0, description="Refit anyway once the corpus exceeds this multiple of its size at the last fit."
+    )
 
     def clustering_config(self) -> ClusteringConfig:
         return ClusteringConfig(
@@ -86,10 +95,12 @@ def load_vectors(wh: Warehouse) -> tuple[list[str], np.ndarray, str]:
     return ids, x, (models[0] if models else "")
 
 
-def load_pairs(wh: Warehouse, ids: list[str]) -> Pairs:
+def load_pairs(wh: Warehouse, ids: list[str], drop_missing: bool = False) -> Pairs:
     """The candidate_pairs table as index pairs into `ids` (sorted)."""
     df = wh.read_table("candidate_pairs")
     pos = {s: n for n, s in enumerate(ids)}
+    if drop_missing:  # images whose shard was removed or re-indexed away
+        df = df.filter(pl.col("image_a").is_in(ids) & pl.col("image_b").is_in(ids))
     i = np.fromiter((pos[a] for a in df["image_a"].to_list()), dtype=np.int64, count=df.height)
     j = np.fromiter((pos[b] for b in df["image_b"].to_list()), dtype=np.int64, count=df.height)
     return Pairs(
@@ -123,6 +134,37 @@ def load_clusterings(wh: Warehouse, ids: list[str], n_clusterings: int) -> list[
     return out
 
 
+class ClusteringsConfig(Config):
+    """Run config of `clusterings`: a full refit is an explicit action."""
+
+    refit: bool = False
+
+
+CLUSTERINGS_SCHEMA = {"image_id": pl.String, "clustering": pl.Int32, "cluster": pl.Int32, "cluster2": pl.Int32}
+
+
+def _clustering_rows(ids: list[str], index: int, labels: np.ndarray, labels2: np.ndarray | None) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "image_id": ids,
+            "clustering": np.full(len(ids), index, dtype=np.int32),
+            "cluster": labels.astype(np.int32),
+            "cluster2": labels2.astype(np.int32) if labels2 is not None else None,
+        },
+        schema=CLUSTERINGS_SCHEMA,
+    )
+
+
+def _stored_fit(wh: Warehouse, model: str, dedup: DedupResource) -> pl.DataFrame | None:
+    """The stored centroids when they can serve new vectors (same model, same number of clusterings)."""
+    if not (wh.table_exists("clustering_centroids") and wh.table_exists("clusterings")):
+        return None
+    cents = wh.read_table("clustering_centroids", order_by="clustering, cluster")
+    if cents.height == 0 or cents["model"][0] != model or cents["clustering"].n_unique() != dedup.n_clusterings:
+        return None
+    return cents
+
+
 @asset(
     group_name=GROUP,
     deps=["embeddings"],
@@ -131,71 +173,109 @@ def load_clusterings(wh: Warehouse, ids: list[str], n_clusterings: int) -> list[
     description=(
         "One row per (image, clustering): the k-means cluster of every embedded image in each of "
         "the clusterings, each fitted on a different random subset (cluster2 = second-nearest "
-        "cluster when soft assignment is on)."
+        "cluster when soft assignment is on). New images are assigned to the stored centroids "
+        "until the corpus outgrows them (refit_factor) or a refit is asked for."
     ),
 )
 def clusterings(
-    context: AssetExecutionContext, dedup: DedupResource, warehouse: WarehouseResource
+    context: AssetExecutionContext, config: ClusteringsConfig, dedup: DedupResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
     wh = warehouse.get()
     ids, x, model = load_vectors(wh)
     started = time.perf_counter()
-    fitted: list[Clustering] = fit_clusterings(x, dedup.clustering_config(), log=context.log.info)
-    frames = []
-    centroid_frames = []
-    for c in fitted:
-        frames.append(
-            pl.DataFrame(
-                {
-                    "image_id": ids,
-                    "clustering": np.full(len(ids), c.index, dtype=np.int32),
-                    "cluster": c.labels.astype(np.int32),
-                    "cluster2": c.labels2.astype(np.int32) if c.labels2 is not None else None,
-                },
-                schema={"image_id": pl.String, "clustering": pl.Int32, "cluster": pl.Int32, "cluster2": pl.Int32},
-            )
+    stored = None if config.refit or not dedup.incremental else _stored_fit(wh, model, dedup)
+    n_at_fit = int(stored["n_at_fit"][0]) if stored is not None else 0
+    if stored is not None and needs_refit(len(ids), n_at_fit, dedup.refit_factor):
+        context.log.info(f"corpus grew from {n_at_fit} to {len(ids)} images (> {dedup.refit_factor}×): refitting")
+        stored = None
+
+    if stored is not None:
+        mode = "incremental"
+        old = wh.read_table("clusterings").filter(pl.col("image_id").is_in(ids))
+        known = set(old["image_id"].unique().to_list())
+        new_rows = [r for r, i in enumerate(ids) if i not in known]
+        new_ids = [ids[r] for r in new_rows]
+        frames = [old]
+        centroids_by_c = {}
+        for c in range(dedup.n_clusterings):
+            part = stored.filter(pl.col("clustering") == c)
+            centroids = np.ascontiguousarray(np.stack(part["centroid"].to_numpy()).astype(np.float32))
+            centroids_by_c[c] = centroids
+            labels, labels2 = assign(x[new_rows], centroids, soft=dedup.soft, device=dedup.device) if new_rows else (
+                np.zeros(0, np.int32), np.zeros(0, np.int32) if dedup.soft else None)
+            frames.append(_clustering_rows(new_ids, c, labels, labels2))
+        df = pl.concat(frames).sort("clustering", "image_id")
+        wh.replace_table("clusterings", df)
+        fit_id = str(stored["fit_id"][0])
+        k = int(stored.filter(pl.col("clustering") == 0).height)
+        subset = int(stored["subset_size"][0])
+        sizes = [
+            np.bincount(df.filter(pl.col("clustering") == c)["cluster"].to_numpy(), minlength=centroids_by_c[c].shape[0])
+            for c in range(dedup.n_clusterings)
+        ]
+        fit_s, assign_s = 0.0, time.perf_counter() - started
+        context.log.info(f"assigned {len(new_ids)} new images to the stored centroids (fit {fit_id})")
+    else:
+        mode = "full"
+        fitted: list[Clustering] = fit_clusterings(x, dedup.clustering_config(), log=context.log.info)
+        fit_id = uuid.uuid4().hex[:12]
+        df = (
+            pl.concat([_clustering_rows(ids, c.index, c.labels, c.labels2) for c in fitted])
+            if fitted else pl.DataFrame(schema=CLUSTERINGS_SCHEMA)
         )
-        centroid_frames.append(
-            pl.DataFrame(
-                {
-                    "clustering": np.full(c.k, c.index, dtype=np.int32),
-                    "cluster": np.arange(c.k, dtype=np.int32),
-                    "centroid": c.centroids.astype(np.float32),
-                    "model": [model] * c.k,
-                },
-                schema={
-                    "clustering": pl.Int32,
-                    "cluster": pl.Int32,
-                    "centroid": pl.Array(pl.Float32, int(c.centroids.shape[1])),
-                    "model": pl.String,
-                },
+        wh.replace_table("clusterings", df)
+        if fitted:
+            wh.replace_table(
+                "clustering_centroids",
+                pl.concat(
+                    [
+                        pl.DataFrame(
+                            {
+                                "clustering": np.full(c.k, c.index, dtype=np.int32),
+                                "cluster": np.arange(c.k, dtype=np.int32),
+                                "centroid": c.centroids.astype(np.float32),
+                                "model": [model] * c.k,
+                                "fit_id": [fit_id] * c.k,
+                                "n_at_fit": np.full(c.k, len(ids), dtype=np.int64),
+                                "subset_size": np.full(c.k, c.subset_size, dtype=np.int64),
+                            },
+                            schema={
+                                "clustering": pl.Int32, "cluster": pl.Int32,
+                                "centroid": pl.Array(pl.Float32, int(c.centroids.shape[1])),
+                                "model": pl.String, "fit_id": pl.String, "n_at_fit": pl.Int64,
+                                "subset_size": pl.Int64,
+                            },
+                        )
+                        for c in fitted
+                    ]
+                ),
             )
-        )
-    df = pl.concat(frames) if frames else pl.DataFrame(
-        schema={"image_id": pl.String, "clustering": pl.Int32, "cluster": pl.Int32, "cluster2": pl.Int32}
-    )
-    wh.replace_table("clusterings", df)
-    if centroid_frames:
-        wh.replace_table("clustering_centroids", pl.concat(centroid_frames))
+        new_ids = ids
+        k = fitted[0].k if fitted else 0
+        subset = fitted[0].subset_size if fitted else 0
+        sizes = [np.bincount(c.labels, minlength=c.k) for c in fitted]
+        fit_s = sum(c.fit_seconds for c in fitted)
+        assign_s = sum(c.assign_seconds for c in fitted)
     seconds = time.perf_counter() - started
 
-    sizes = [np.bincount(c.labels, minlength=c.k) for c in fitted]
-    first = sizes[0] if sizes else np.zeros(0, dtype=np.int64)
-    hist_labels, hist_values = _size_histogram(first)
     meta = {
         "dagster/row_count": df.height,
+        "mode": mode,
+        "fit_id": fit_id,
         "images": len(ids),
+        "newly_assigned": len(new_ids),
         "model": model,
-        "clusterings": len(fitted),
-        "K": fitted[0].k if fitted else 0,
-        "subset_size": fitted[0].subset_size if fitted else 0,
-        "fit_seconds": round(sum(c.fit_seconds for c in fitted), 3),
-        "assign_seconds": round(sum(c.assign_seconds for c in fitted), 3),
+        "clusterings": dedup.n_clusterings,
+        "K": k,
+        "subset_size": subset,
+        "fit_seconds": round(fit_s, 3),
+        "assign_seconds": round(assign_s, 3),
         "seconds": round(seconds, 3),
-        "empty_clusters": MetadataValue.json([int((s == 0).sum()) for s in sizes]),
-        "largest_cluster": MetadataValue.json([int(s.max()) if s.size else 0 for s in sizes]),
+        "empty_clusters": MetadataValue.json([int((sz == 0).sum()) for sz in sizes]),
+        "largest_cluster": MetadataValue.json([int(sz.max()) if sz.size else 0 for sz in sizes]),
     }
-    if len(ids):
+    if len(ids) and sizes:
+        hist_labels, hist_values = _size_histogram(sizes[0])
         meta["cluster_sizes_plot"] = png_markdown(
             bar_plot_png(hist_labels, hist_values, "cluster sizes (clustering 0)", "images per cluster", "clusters"),
             "cluster size distribution",
@@ -234,32 +314,56 @@ def candidate_pairs(
     wh = warehouse.get()
     ids, x, _ = load_vectors(wh)
     tau = dedup.tau(embedder)
+    fit_id = str(wh.query("SELECT any_value(fit_id) AS f FROM clustering_centroids")["f"][0])
+    labels_by_c = load_clusterings(wh, ids, dedup.n_clusterings)
+    searched = (
+        wh.read_table("candidate_pairs_searched")
+        if wh.table_exists("candidate_pairs_searched") and wh.table_exists("candidate_pairs") else None
+    )
+    incremental = (
+        searched is not None and searched.height > 0
+        and set(searched["fit_id"].to_list()) == {fit_id} and searched["threshold"][0] == tau
+    )
     started = time.perf_counter()
     per: list[Pairs] = []
-    for c, (labels, labels2) in enumerate(load_clusterings(wh, ids, dedup.n_clusterings)):
+    if incremental:
+        known = set(searched["image_id"].to_list())
+        is_new = np.fromiter((i not in known for i in ids), dtype=bool, count=len(ids))
+        old = load_pairs(wh, ids, drop_missing=True)
+        context.log.info(f"incremental search: {int(is_new.sum())} new images against {len(ids)} (fit {fit_id})")
+    for c, (labels, labels2) in enumerate(labels_by_c):
         t0 = time.perf_counter()
-        p = pairs_within_clusters(
-            x, labels, labels2, threshold=tau, block_size=dedup.block_size, device=dedup.device, clustering_index=c
-        )
+        if incremental:
+            p = pairs_with_new(x, labels, labels2, is_new, tau, block_size=dedup.block_size, clustering_index=c)
+        else:
+            p = pairs_within_clusters(
+                x, labels, labels2, threshold=tau, block_size=dedup.block_size, device=dedup.device,
+                clustering_index=c,
+            )
         per.append(p)
         context.log.info(
-            f"clustering {c}: {len(p.i)} pairs, {p.comparisons} comparisons in {time.perf_counter() - t0:.2f}s"
+            f"clustering {c}: {len(p)} pairs, {p.comparisons} comparisons in {time.perf_counter() - t0:.2f}s"
         )
-    union = union_pairs(per) if per else Pairs(
-        i=np.zeros(0, np.int64), j=np.zeros(0, np.int64), sim=np.zeros(0, np.float32),
-        found_by=np.zeros(0, np.uint8), comparisons=0,
-    )
+    union = union_pairs(per) if per else Pairs.empty()
+    new_pairs = len(union)
+    if incremental:
+        union = union_pairs([old, union])
     ids_arr = np.array(ids, dtype=object)
     df = pl.DataFrame(
         {
-            "image_a": ids_arr[union.i].tolist() if len(union.i) else [],
-            "image_b": ids_arr[union.j].tolist() if len(union.j) else [],
+            "image_a": ids_arr[union.i].tolist() if len(union) else [],
+            "image_b": ids_arr[union.j].tolist() if len(union) else [],
             "similarity": union.sim.astype(np.float32),
             "found_by": union.found_by.astype(np.uint8),
         },
         schema={"image_a": pl.String, "image_b": pl.String, "similarity": pl.Float32, "found_by": pl.UInt8},
     ).sort("image_a", "image_b")
     wh.replace_table("candidate_pairs", df)
+    wh.replace_table(
+        "candidate_pairs_searched",
+        pl.DataFrame({"image_id": ids, "fit_id": [fit_id] * len(ids), "threshold": [tau] * len(ids)},
+                     schema={"image_id": pl.String, "fit_id": pl.String, "threshold": pl.Float64}),
+    )
     seconds = time.perf_counter() - started
 
     cumulative = []
@@ -268,17 +372,20 @@ def candidate_pairs(
         mask |= 1 << c
         cumulative.append(int(((union.found_by & mask) != 0).sum()))
     gains = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])] if cumulative else []
+    comparisons = sum(p.comparisons for p in per)
     n = len(ids)
     all_pairs = n * (n - 1) // 2
     return MaterializeResult(
         metadata={
             "dagster/row_count": df.height,
+            "mode": "incremental" if incremental else "full",
+            "new_pairs": new_pairs,
             "threshold": tau,
-            "pairs_per_clustering": MetadataValue.json([len(p.i) for p in per]),
+            "pairs_per_clustering": MetadataValue.json([len(p) for p in per]),
             "marginal_gain_per_added_clustering": MetadataValue.json(gains),
-            "comparisons": int(union.comparisons),
+            "comparisons": int(comparisons),
             "all_pairs_n2_over_2": all_pairs,
-            "comparison_fraction": round(union.comparisons / all_pairs, 6) if all_pairs else 0.0,
+            "comparison_fraction": round(comparisons / all_pairs, 6) if all_pairs else 0.0,
             "seconds": round(seconds, 3),
             "preview": markdown_preview(df.sort("similarity", descending=True)),
         }
