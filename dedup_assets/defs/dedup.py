@@ -46,7 +46,7 @@ class DedupResource(ConfigurableResource):
     k: int | None = Field(default=None, description="Clusters per clustering; None = rule by N (README).")
     subset_size: int | None = Field(default=None, description="Points per k-means fit; None = rule by N and K.")
     niter: int = Field(default=20)
-    soft: bool = Field(default=False, description="Also join each image's second-nearest cluster.")
+    soft: bool = Field(default=True, description="Also join each image's second-nearest cluster (0.96 → 0.996 recall at 1M in the benchmark).")
     threshold: float | None = Field(
         default=None, description="Cosine τ for a duplicate pair; None = the embedder's calibrated value."
     )
