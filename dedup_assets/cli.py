@@ -174,6 +174,8 @@ def _failed_steps(result) -> list[str]:  # noqa: ANN001
     for ev in result.all_events:
         if ev.is_step_failure:
             err = ev.step_failure_data.error
+            while err is not None and err.cause is not None:  # the user's exception, not Dagster's wrapper
+                err = err.cause
             msg = err.message.strip().splitlines()[-1] if err else "unknown error"
             out.append(f"{ev.step_key}: {msg}")
     return out

@@ -4,7 +4,6 @@ Settings come from the environment (see `dedup_assets.settings` and the README),
 (`dagster dev`), sensor-launched runs and `dedup-assets run` all see the same data.
 """
 
-from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, ScheduleDefinition, define_asset_job
 from dagster_dask import dask_executor

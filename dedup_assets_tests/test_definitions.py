@@ -40,7 +40,7 @@ def test_definitions_load_with_every_asset_check_sensor_and_schedule(tmp_path: P
     assert {"candidate_pairs_recall", "filtered_dataset_accounting", "no_regurgitation"} <= checks
     assert {s.name for s in repo.sensor_defs} == {"shard_sensor"}
     assert {s.name for s in repo.schedule_defs} == {"discovery_schedule", "corpus_schedule"}
-    pools = {k.to_user_string(): repo.assets_defs_by_key[k].specs_by_key[k].pool for k in repo.assets_defs_by_key}
+    pools = {k.to_user_string(): repo.assets_defs_by_key[k].op.pool for k in repo.assets_defs_by_key}
     assert pools["embeddings"] == "gpu" and pools["clusterings"] == "gpu"
 
 

@@ -1,0 +1,9 @@
+"""Dagster wiring, one module per stage (thin: read, call the pure module, write, report)."""
+
+import warnings
+
+from dagster import BetaWarning
+
+# `backfill_policy` is marked beta; we rely on it on purpose (see partitions.py) and do not want
+# every command a user runs to print the warning.
+warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")

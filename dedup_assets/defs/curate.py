@@ -1,7 +1,6 @@
 """Curate stage: `filtered_dataset` (kept rows with weights, every removal accounted for) and
 `regurgitation_audit` (nearest training images of a model's generated images)."""
 
-from __future__ import annotations
 
 import time
 from pathlib import Path
@@ -130,7 +129,10 @@ def filtered_dataset_accounting(warehouse: WarehouseResource) -> AssetCheckResul
     ok, details = check_accounting(
         wh.read_table("image_index"), wh.read_table("filtered_dataset"), wh.read_table("removed_images")
     )
-    return AssetCheckResult(passed=bool(ok), metadata={k: MetadataValue.json(v) for k, v in details.items()})
+    return AssetCheckResult(
+        passed=bool(ok),
+        metadata={k: (MetadataValue.json(v) if isinstance(v, list) else v) for k, v in details.items()},
+    )
 
 
 @asset(

@@ -4,7 +4,6 @@ These assets read the embeddings of every shard (they are not partitioned) and r
 pool. The algorithms live in `dedup_assets.dedup`; this module reads, calls, writes, reports.
 """
 
-from __future__ import annotations
 
 import time
 import uuid

@@ -1,6 +1,5 @@
 """Embedding stage: the per-shard `embeddings` asset (vectors stored as DuckDB FLOAT[d])."""
 
-from __future__ import annotations
 
 import time
 from typing import Iterator

@@ -1,6 +1,5 @@
 """Filter stage: the per-shard `prefilter` asset (image, caption and content-safety filters)."""
 
-from __future__ import annotations
 
 import time
 

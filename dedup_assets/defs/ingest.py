@@ -1,6 +1,5 @@
 """Ingest stage: shard discovery (sensor + schedule) and the per-shard `image_index` asset."""
 
-from __future__ import annotations
 
 import json
 import time

@@ -1,6 +1,5 @@
 """Small helpers that turn frames and figures into Dagster metadata a person can act on."""
 
-from __future__ import annotations
 
 import base64
 import io

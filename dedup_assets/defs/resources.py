@@ -1,6 +1,5 @@
 """Resources shared by every stage: the warehouse, the dataset location, and the embedder."""
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
