@@ -38,6 +38,7 @@ SIDE = 64
 # Weights tuned on the labelled near-copy set (benchmarks/bench_offline_recall.py): the centre layout
 # carries most, because crops, borders, caption bars and rotation corners leave it.
 W_LAY16, W_LAY8, W_LAY4, W_CEN8, W_CEN4, W_H4, W_H2, W_COL = 0.315, 0.785, 0.228, 1.403, 0.164, 0.182, 0.391, 0.429
+W_CEDGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ def _box(a: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a, "F").resize((n, n), Image.Resampling.BOX))
 
 
+def _box_up(a: np.ndarray, n: int) -> np.ndarray:
+    """A blurred copy of `a`: area-averaged to n×n, then bilinearly back to its size."""
+    small = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), "F").resize((n, n), Image.Resampling.BOX)
+    return np.asarray(small.resize((a.shape[1], a.shape[0]), Image.Resampling.BILINEAR))
+
+
 def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
     h, w = a.shape[:2]
     return a[: h - h % n, : w - w % n].reshape(n, h // n, n, w // n, *a.shape[2:]).mean(axis=(1, 3))
@@ -142,7 +149,7 @@ class OfflineEmbedder:
 
     @property
     def duplicate_threshold(self) -> float:
-        return 0.76
+        return 0.93
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         img = image.convert("RGB")
@@ -159,13 +166,16 @@ class OfflineEmbedder:
             g = g[:, ::-1]
             c = c[:, ::-1]
         # blur before sampling the layouts: JPEG blocks and small shifts average out
-        lay16 = _unit(_box(g, 12))
+        lay16 = _unit(_box(g, 10))
         lay8 = _unit(_box(g, 8))
         lay4 = _unit(_box(g, 4))
         # the centre (20-80 % on both axes) survives crops, caption bars, borders and rotation corners
         centre = np.ascontiguousarray(g[SIDE // 5 : SIDE - SIDE // 5, SIDE // 5 : SIDE - SIDE // 5])
         cen8 = _unit(_box(centre, 8))
         cen4 = _unit(_box(centre, 4))
+        # edge energy of the centre: the fine structure (a clock's hands, a glyph) that layouts blur away
+        edges = np.abs(centre - _box_up(centre, 8))
+        cen_edges = _unit(_box(np.ascontiguousarray(edges), 8))
         gy, gx = np.gradient(g)
         mag = np.hypot(gx, gy)
         ang = np.mod(np.arctan2(gy, gx), np.pi)
@@ -176,18 +186,19 @@ class OfflineEmbedder:
         chroma = chroma - chroma.mean(axis=1, keepdims=True)  # colour, not brightness
         col = chroma.ravel() / 64.0
         parts = [
-            (lay16, W_LAY16),  # 144
+            (lay16, W_LAY16),  # 100
             (lay8, W_LAY8),  # 64
             (lay4, W_LAY4),  # 16
             (cen8, W_CEN8),  # 64
             (cen4, W_CEN4),  # 16
+            (cen_edges, W_CEDGE),  # 64
             (_unit(h4), W_H4),  # 128
             (_unit(h2), W_H2),  # 32
             (col, W_COL),  # 12
         ]
         v = np.concatenate([p * w for p, w in parts])
         out = np.zeros(self.dim, np.float32)
-        out[: v.size] = v  # 476 used; the rest stays zero so the dimension is a round 512
+        out[: v.size] = v  # 496 used; the rest stays zero so the dimension is a round 512
         return out
 
     def embed_prepared(self, batch: Sequence[np.ndarray]) -> np.ndarray:

@@ -126,6 +126,10 @@ def make_clock(hour: int, minute: int, size: int = 256, style: int = 0) -> Image
 def make_base_images(n: int, seed: int = 0, size: tuple[int, int] = (320, 256)) -> list[tuple[str, Image.Image]]:
     """n (kind, image) pairs cycling through the four kinds; deterministic by seed."""
     rng = np.random.default_rng(seed)
+    # Clocks: distinct (style, time) combinations on a 20-minute grid, so two bases never show
+    # (almost) the same face — a clock 2 minutes later is a copy in all but name — and only times
+    # from 12:20 to 5:40, because the mirror image of 2:00 is 10:00: a horizontally flipped copy.
+    clock_faces = np.random.default_rng(seed + 7).permutation(4 * 17)
     out: list[tuple[str, Image.Image]] = []
     for i in range(n):
         kind = KINDS[i % len(KINDS)]
@@ -136,6 +140,9 @@ def make_base_images(n: int, seed: int = 0, size: tuple[int, int] = (320, 256)) 
         elif kind == "text":
             img = make_text(rng, size)
         else:
-            img = make_clock(int(rng.integers(0, 12)), int(rng.integers(0, 60)), size=min(size), style=int(rng.integers(0, 4)))
+            face = int(clock_faces[(i // len(KINDS)) % clock_faces.size])
+            style, slot = divmod(face, 17)
+            slot += 1  # 0 would be 12:00, its own mirror image
+            img = make_clock(slot // 3, (slot % 3) * 20, size=min(size), style=style)
         out.append((kind, img))
     return out

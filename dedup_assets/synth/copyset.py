@@ -1,0 +1,88 @@
+"""Labelled near-copy sets and their pair precision / recall (tests and benchmarks).
+
+Grain: one image per row; `origin` is the base it derives from, so two images are a true
+duplicate pair exactly when they share an origin.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dedup_assets.synth.bases import make_base_images
+from dedup_assets.synth.transforms import TRANSFORMS, random_copy
+
+
+@dataclass
+class CopySet:
+    images: list[Image.Image]
+    origin: np.ndarray  # base index per image
+    kinds: list[str]
+    ops: list[list[str]]  # [] for the base itself
+
+
+def make_copy_set(n_bases: int, copies_per_base: int, seed: int = 0, combos: bool = True) -> CopySet:
+    """Each base, then copies_per_base copies: single transformations, and 2–3-op combinations."""
+    rng = np.random.default_rng(seed)
+    images, origin, kinds, ops = [], [], [], []
+    names = list(TRANSFORMS)
+    for b, (kind, img) in enumerate(make_base_images(n_bases, seed=seed)):
+        images.append(img)
+        origin.append(b)
+        kinds.append(kind)
+        ops.append([])
+        for c in range(copies_per_base):
+            if combos and c % 3 == 2:
+                copy, applied = random_copy(img, rng, int(rng.integers(2, 4)))
+            else:
+                name = names[(b * copies_per_base + c) % len(names)]
+                copy, applied = TRANSFORMS[name](img, rng).convert("RGB"), [name]
+            images.append(copy)
+            origin.append(b)
+            kinds.append(kind)
+            ops.append(applied)
+    return CopySet(images, np.asarray(origin), kinds, ops)
+
+
+def pair_precision_recall(emb: np.ndarray, origin: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Precision and recall of 'cosine ≥ threshold' over all pairs of the set."""
+    sims = emb @ emb.T
+    iu = np.triu_indices(len(origin), 1)
+    pred = sims[iu] >= threshold
+    truth = origin[iu[0]] == origin[iu[1]]
+    tp = int((pred & truth).sum())
+    precision = tp / max(int(pred.sum()), 1)
+    recall = tp / max(int(truth.sum()), 1)
+    return precision, recall
+
+
+def best_recall_at_precision(emb: np.ndarray, origin: np.ndarray, min_precision: float = 0.95) -> tuple[float, float]:
+    """(highest recall with precision ≥ min_precision, the threshold that gives it)."""
+    sims = emb @ emb.T
+    iu = np.triu_indices(len(origin), 1)
+    s = sims[iu]
+    truth = origin[iu[0]] == origin[iu[1]]
+    order = np.argsort(-s)
+    tp = np.cumsum(truth[order])
+    fp = np.cumsum(~truth[order])
+    prec = tp / np.maximum(tp + fp, 1)
+    ok = np.flatnonzero(prec >= min_precision)
+    if ok.size == 0:
+        return 0.0, 1.0
+    i = ok.max()
+    return float(tp[i] / max(truth.sum(), 1)), float(s[order][i])
+
+
+def per_transform_recall(emb: np.ndarray, cs: CopySet, threshold: float) -> dict[str, float]:
+    """Recall of (base, copy) pairs by transformation ('combo2'/'combo3' for combinations)."""
+    base_row = {int(o): i for i, (o, op) in enumerate(zip(cs.origin, cs.ops)) if not op}
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for i, (o, op) in enumerate(zip(cs.origin, cs.ops)):
+        if not op:
+            continue
+        key = op[0] if len(op) == 1 else f"combo{len(op)}"
+        hits[key].append(float(emb[i] @ emb[base_row[int(o)]]) >= threshold)
+    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
