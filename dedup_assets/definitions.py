@@ -6,7 +6,6 @@ Settings come from the environment (see `dedup_assets.settings` and the README),
 
 
 from dagster import AssetSelection, Definitions, ScheduleDefinition, define_asset_job
-from dagster_dask import dask_executor
 
 from dedup_assets.defs.curate import (
     CurateResource,
@@ -32,7 +31,6 @@ from dedup_assets.defs.ingest import (
     shard_job,
     shard_sensor,
 )
-from dedup_assets.defs.partitions import shards_partitions
 from dedup_assets.defs.resources import resources_from_settings
 from dedup_assets.settings import Settings
 
@@ -54,23 +52,6 @@ corpus_job = define_asset_job(
 )
 
 
-# Scale-out: the same assets with each step on a Dask cluster (`cluster: local` for one machine,
-# `existing: {address: ...}` for a scheduler serving workers on other machines; README "Scale-out").
-shard_job_dask = define_asset_job(
-    "shard_job_dask",
-    selection=AssetSelection.assets(*PER_SHARD_ASSETS),
-    partitions_def=shards_partitions,
-    executor_def=dask_executor,
-    description="shard_job with its steps on a Dask cluster.",
-)
-corpus_job_dask = define_asset_job(
-    "corpus_job_dask",
-    selection=AssetSelection.assets(*CORPUS_ASSETS),
-    executor_def=dask_executor,
-    description="corpus_job with its steps on a Dask cluster.",
-)
-
-
 def build_resources(settings: Settings) -> dict:
     resources = resources_from_settings(settings)
     resources.update(
@@ -86,7 +67,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
     return Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[shard_job, corpus_job, discover_shards_job, shard_job_dask, corpus_job_dask],
+        jobs=[shard_job, corpus_job, discover_shards_job],
         sensors=[shard_sensor],
         schedules=[
             discovery_schedule(settings.discovery_cron),
