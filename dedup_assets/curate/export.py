@@ -1,65 +1,153 @@
 """Exports of the kept set for training: a Parquet manifest, and optionally new shards.
 
-The source data is never modified. New shards are img2dataset-style folders (one per source
-shard) holding only kept images plus `<key>.txt` captions; images are hard-linked where the
-filesystem allows (same device), copied otherwise, and tar members are written from their bytes.
-Re-running replaces what a previous export wrote (idempotent).
+Grain: the manifest has one row per kept image (the `filtered_dataset` rows with their weights);
+an exported shard folder holds one image file (plus `<key>.txt` when it has a caption) per kept
+image of that source shard.
+
+The source data is never modified: folder images are hard-linked (same inode, no bytes written)
+where the filesystem allows and copied otherwise (another device, or `link=False`); tar members
+are written from their bytes, each tar opened once. Keys that name sub-folders keep them, so
+indexing the export gives back the same keys. A hard link IS the source file: edit an exported
+image in place and the source changes too (replace files, never rewrite them).
+
+Re-running is idempotent: the new export is built in a staging folder beside `out_dir` and swapped
+in, so the result never mixes two runs. Only a folder that an earlier export wrote (it holds the
+marker file) or an empty one is ever replaced.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
+import tarfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+MARKER = ".dedup-assets-export.json"
+_TAR_SPLIT = ".tar::"
+
 
 def write_manifest(kept: pl.DataFrame, path: Path) -> Path:
-    """The kept rows with weights as Parquet (atomic replace)."""
+    """Write the kept rows (with weights) as Parquet, replacing `path` atomically; returns it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     kept.write_parquet(tmp)
     os.replace(tmp, path)
     return path
 
 
-def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[str, Any]:
-    """Write kept images into `out_dir/<shard>/`; returns counts of links, copies and members written."""
-    from dedup_assets.ingest.shards import TAR_SEPARATOR, read_location, unescape
+def _dest_name(key: str, src_name: bytes) -> bytes:
+    """Relative destination path (bytes) of an image: the unescaped key plus the source extension."""
+    from dedup_assets.ingest.shards import unescape
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    counts = {"linked": 0, "copied": 0, "from_tar": 0, "shards": 0}
-    for shard, rows in kept.group_by("shard", maintain_order=True):
-        shard_dir = out_dir / str(shard[0])
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        counts["shards"] += 1
-        for r in rows.iter_rows(named=True):
-            loc = r["location"]
-            src_name = loc.rsplit(TAR_SEPARATOR, 1)[-1] if ".tar" + TAR_SEPARATOR in loc else loc
-            ext = os.path.splitext(src_name)[1].lower() or ".jpg"
-            key = r["key"].replace("/", "__")
-            dest = os.path.join(os.fsencode(shard_dir), unescape(key) + ext.encode())
-            if ".tar" + TAR_SEPARATOR in loc:
-                with open(dest, "wb") as f:
-                    f.write(read_location(loc))
-                counts["from_tar"] += 1
+    rel = unescape(key)
+    parts = rel.split(b"/")
+    if rel.startswith(b"/") or any(p in (b"", b".", b"..") for p in parts):
+        raise ValueError(f"key {key!r} is not a plain relative name; refusing to write outside the export")
+    ext = os.path.splitext(src_name)[1].lower() or b".jpg"
+    return rel + ext
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another export folder")
+    if (out_dir / MARKER).is_file() or not any(out_dir.iterdir()):
+        return
+    raise FileExistsError(
+        f"{out_dir} is not empty and was not written by an export (no {MARKER}); refusing to replace "
+        "it. Choose a new or empty folder."
+    )
+
+
+def _link_or_copy(src: bytes, dest: bytes, link: bool, counts: dict[str, int]) -> None:
+    if link:
+        try:
+            os.link(src, dest)
+            counts["linked"] += 1
+            return
+        except OSError as e:
+            # EXDEV: another device; EPERM/EMLINK/ENOTSUP: a filesystem without (more) hard links.
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+    shutil.copyfile(src, dest)
+    counts["copied"] += 1
+
+
+def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[str, Any]:
+    """Write the kept images into img2dataset-style folders `out_dir/<shard>/`.
+
+    `kept`: rows with shard, key, location, caption. Returns counts: shards, images, linked,
+    copied, from_tar, captions, and out_dir. Raises FileExistsError rather than replace a folder
+    this function did not write.
+    """
+    from dedup_assets.ingest.shards import unescape
+
+    out_dir = Path(out_dir).absolute()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    counts = {"shards": 0, "images": 0, "linked": 0, "copied": 0, "from_tar": 0, "captions": 0}
+    # tar path → [(member name, destination)], so each tar is opened and scanned once.
+    tar_jobs: dict[bytes, list[tuple[str, bytes]]] = defaultdict(list)
+    try:
+        made: set[bytes] = set()
+        for row in kept.select("shard", "key", "location", "caption").iter_rows(named=True):
+            shard_dir = os.path.join(os.fsencode(staging), os.fsencode(str(row["shard"])))
+            if shard_dir not in made:
+                os.makedirs(shard_dir, exist_ok=True)
+                made.add(shard_dir)
+                counts["shards"] += 1
+            loc: str = row["location"]
+            cut = loc.find(_TAR_SPLIT)
+            if cut >= 0:
+                tar_path, member = unescape(loc[: cut + 4]), unescape(loc[cut + len(_TAR_SPLIT) :])
+                src_name = member
             else:
-                src = unescape(loc)
-                try:
-                    if not link:
-                        raise OSError("copy requested")
-                    os.link(src, dest)
-                    counts["linked"] += 1
-                except OSError:
-                    shutil.copyfile(src, dest)
-                    counts["copied"] += 1
-            if r.get("caption") is not None:
-                with open(os.path.join(os.fsencode(shard_dir), unescape(key) + b".txt"), "w", encoding="utf-8") as f:
-                    f.write(r["caption"])
-    return counts
+                src_name = unescape(loc)
+            dest = os.path.join(shard_dir, _dest_name(row["key"], os.path.basename(src_name)))
+            parent = os.path.dirname(dest)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            if cut >= 0:
+                tar_jobs[tar_path].append((member.decode("utf-8", "surrogateescape"), dest))
+            else:
+                _link_or_copy(src_name, dest, link, counts)
+            if row["caption"] is not None:
+                with open(os.path.splitext(dest)[0] + b".txt", "wb") as f:
+                    f.write(row["caption"].encode("utf-8"))
+                counts["captions"] += 1
+            counts["images"] += 1
+        for tar_path, jobs in tar_jobs.items():
+            with tarfile.open(os.fsdecode(tar_path), "r:") as tf:
+                members = {m.name: m for m in tf.getmembers() if m.isfile()}
+                for name, dest in jobs:
+                    if name not in members:
+                        raise FileNotFoundError(f"member {name!r} is no longer in {os.fsdecode(tar_path)}")
+                    src = tf.extractfile(members[name])
+                    with open(dest, "wb") as f:
+                        shutil.copyfileobj(src, f)  # type: ignore[arg-type]
+                    counts["from_tar"] += 1
+        (staging / MARKER).write_text(json.dumps(counts, sort_keys=True), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # Swap: the old export is moved aside first, so out_dir always holds one whole export.
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(staging, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return {**counts, "out_dir": str(out_dir)}

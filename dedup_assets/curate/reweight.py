@@ -3,11 +3,18 @@
 The seed: filtering shifted the model's distribution (fewer images of women after the
 sexual-content filter), so the filtered set was reweighted to match the pre-filter one — if the
 filter removed twice as many dog images, dog images get twice the loss weight. The categories here
-are the k-means clusters we already have.
+are the k-means clusters we already have (one clustering, `ReweightConfig.clustering`).
 
-weight(image) = share of its cluster before ÷ share after, clipped to [min_weight, max_weight],
-normalized to mean 1 over the kept images. Without clipping, the weighted distribution after
-filtering equals the one before (total variation 0) for every cluster that kept at least one image.
+weight(image in cluster c) = clip(s · share_before(c) / share_after(c), min_weight, max_weight),
+with the single scale s chosen so that the weights average exactly 1 over the kept images. When no
+bound binds this is the plain ratio normalized to mean 1, and the weighted distribution after
+filtering equals the one before (total variation 0) — except for clusters that lost every image,
+whose share nothing can restore. Solving for s (rather than clipping and then dividing by the mean)
+keeps both promises at once: every weight inside the bounds and mean 1.
+
+"Before" means every image considered before filtering: every ok image with an embedding (so
+every image that has a cluster). Kept images without a cluster get no row here; the caller gives
+them weight 1.
 """
 
 from __future__ import annotations
@@ -19,73 +26,188 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+WEIGHTS_SCHEMA: dict[str, pl.DataType] = {"image_id": pl.String, "cluster": pl.Int32, "weight": pl.Float64}
+
 
 @dataclass(frozen=True)
 class ReweightConfig:
+    """Which clustering defines the categories, and the bounds on a loss weight."""
+
     clustering: int = 0
     min_weight: float = 0.1
     max_weight: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.clustering < 0:
+            raise ValueError(f"clustering must be >= 0 (an index 0..C-1), got {self.clustering}")
         if not 0 < self.min_weight <= 1 <= self.max_weight:
-            raise ValueError(f"need 0 < min_weight <= 1 <= max_weight, got {self.min_weight}, {self.max_weight}")
+            raise ValueError(
+                "need 0 < min_weight <= 1 <= max_weight so that mean-1 weights exist; got "
+                f"min_weight={self.min_weight}, max_weight={self.max_weight}"
+            )
 
 
-def _shares(clusters: pl.DataFrame, col: str = "cluster", weight: str | None = None) -> pl.DataFrame:
+def _before_frame(before: pl.DataFrame, cfg: ReweightConfig | None = None) -> pl.DataFrame:
+    """image_id, cluster for one clustering, checked to hold each image once."""
+    if "clustering" in before.columns:
+        clustering = cfg.clustering if cfg is not None else None
+        n = before["clustering"].n_unique()
+        if clustering is not None:
+            before = before.filter(pl.col("clustering") == clustering)
+        elif n > 1:
+            raise ValueError("`before` holds several clusterings; filter it to one or pass a ReweightConfig")
+    out = before.select(pl.col("image_id").cast(pl.String), pl.col("cluster").cast(pl.Int64))
+    if out.height != out["image_id"].n_unique():
+        raise ValueError(
+            "`before` lists some image_id more than once; pass one row per image for a single "
+            "clustering (e.g. clusterings filtered to clustering = c)"
+        )
+    return out
+
+
+def _kept_ids(ids: pl.Series | list[str] | set[str]) -> pl.Series:
+    s = ids if isinstance(ids, pl.Series) else pl.Series("image_id", sorted(ids), dtype=pl.String)
+    return s.cast(pl.String).implode()
+
+
+def _shares(frame: pl.DataFrame, name: str, weight: str | None = None) -> pl.DataFrame:
+    """cluster, <name>: each cluster's share of the (weighted) count."""
     agg = pl.col(weight).sum() if weight else pl.len()
-    out = clusters.group_by(col).agg(agg.cast(pl.Float64).alias("n"))
-    total = out["n"].sum()
-    return out.with_columns((pl.col("n") / (total if total else 1.0)).alias("share")).select(col, "share")
+    out = frame.group_by("cluster").agg(agg.cast(pl.Float64).alias("n"))
+    total = float(out["n"].sum()) if out.height else 0.0
+    return out.select("cluster", (pl.col("n") / (total if total > 0 else 1.0)).alias(name))
 
 
-def compute_weights(before_clusters: pl.DataFrame, kept_ids: pl.Series, cfg: ReweightConfig = ReweightConfig()) -> pl.DataFrame:
-    """One row per kept image that has a cluster: image_id, cluster, weight (mean 1)."""
-    before = before_clusters.select("image_id", "cluster")
-    after = before.filter(pl.col("image_id").is_in(kept_ids.implode()))
+def _solve_scale(ratio: np.ndarray, count: np.ndarray, lo: float, hi: float) -> float:
+    """The s with Σ count·clip(s·ratio, lo, hi) = Σ count (mean weight 1).
+
+    The left side is continuous and non-decreasing in s, from lo·N (s→0) to hi·N (s→∞), and
+    lo ≤ 1 ≤ hi, so a root exists; bisection on log s finds it to machine precision.
+    """
+    n = count.sum()
+
+    def mean(s: float) -> float:
+        return float((count * np.clip(s * ratio, lo, hi)).sum() / n)
+
+    a, b = 1.0, 1.0
+    while mean(a) > 1.0:
+        a /= 2.0
+    while mean(b) < 1.0:
+        b *= 2.0
+    for _ in range(200):
+        m = (a * b) ** 0.5
+        if mean(m) < 1.0:
+            a = m
+        else:
+            b = m
+        if b - a <= 1e-13 * b:
+            break
+    s = (a * b) ** 0.5
+    # Exact finish: with the clipped clusters known, the mean is linear in s over the free ones.
+    w = s * ratio
+    low, high = w <= lo, w >= hi
+    free = ~(low | high)
+    if free.any():
+        fixed = (count[low] * lo).sum() + (count[high] * hi).sum()
+        exact = (n - fixed) / (count[free] * ratio[free]).sum()
+        w2 = exact * ratio
+        if ((w2[free] >= lo) & (w2[free] <= hi)).all() and (w2[low] <= lo).all() and (w2[high] >= hi).all():
+            s = float(exact)
+    return s
+
+
+def compute_weights(
+    before_clusters: pl.DataFrame, kept_ids: pl.Series, cfg: ReweightConfig = ReweightConfig()
+) -> pl.DataFrame:
+    """One row per kept image that has a cluster: image_id, cluster, weight (mean exactly 1).
+
+    `before_clusters`: image_id, cluster (and optionally clustering, then filtered to
+    cfg.clustering) for every image considered before filtering. Sorted by image_id.
+    """
+    before = _before_frame(before_clusters, cfg)
+    after = before.filter(pl.col("image_id").is_in(_kept_ids(kept_ids)))
     if after.height == 0:
-        return pl.DataFrame(schema={"image_id": pl.String, "cluster": pl.Int32, "weight": pl.Float64})
-    sb = _shares(before).rename({"share": "before"})
-    sa = _shares(after).rename({"share": "after"})
-    w = (
-        after.join(sb, on="cluster").join(sa, on="cluster")
-        .with_columns((pl.col("before") / pl.col("after")).clip(cfg.min_weight, cfg.max_weight).alias("weight"))
+        return pl.DataFrame(schema=WEIGHTS_SCHEMA)
+    per = (
+        _shares(before, "before")
+        .join(_shares(after, "after"), on="cluster", how="inner")
+        .join(after.group_by("cluster").len(), on="cluster")
+        .sort("cluster")
     )
-    w = w.with_columns(pl.col("weight") / pl.col("weight").mean())
-    return w.select("image_id", pl.col("cluster").cast(pl.Int32), pl.col("weight").cast(pl.Float64)).sort("image_id")
+    ratio = (per["before"] / per["after"]).to_numpy()
+    count = per["len"].to_numpy().astype(np.float64)
+    s = _solve_scale(ratio, count, cfg.min_weight, cfg.max_weight)
+    per = per.with_columns(pl.Series("weight", np.clip(s * ratio, cfg.min_weight, cfg.max_weight)))
+    return (
+        after.join(per.select("cluster", "weight"), on="cluster")
+        .select(
+            pl.col("image_id"),
+            pl.col("cluster").cast(pl.Int32),
+            pl.col("weight").cast(pl.Float64),
+        )
+        .sort("image_id")
+    )
+
+
+def _after_shares(before: pl.DataFrame, after_ids: pl.Series, weights: pl.DataFrame | None, name: str) -> pl.DataFrame:
+    after = before.filter(pl.col("image_id").is_in(_kept_ids(after_ids)))
+    if weights is None:
+        return _shares(after, name)
+    # Kept images without a weight row train with weight 1, as the caller fills them.
+    after = after.join(weights.select("image_id", "weight"), on="image_id", how="left").with_columns(
+        pl.col("weight").fill_null(1.0)
+    )
+    return _shares(after, name, weight="weight")
 
 
 def total_variation(before: pl.DataFrame, after_ids: pl.Series, weights: pl.DataFrame | None = None) -> float:
-    """TV distance over clusters between `before` (image_id, cluster) and the kept subset, optionally weighted."""
-    sb = _shares(before).rename({"share": "b"})
-    after = before.filter(pl.col("image_id").is_in(after_ids.implode()))
-    if weights is not None:
-        after = after.join(weights.select("image_id", "weight"), on="image_id", how="left").with_columns(
-            pl.col("weight").fill_null(1.0)
-        )
-        sa = _shares(after, weight="weight").rename({"share": "a"})
-    else:
-        sa = _shares(after).rename({"share": "a"})
-    j = sb.join(sa, on="cluster", how="full", coalesce=True).fill_null(0.0)
-    return float(0.5 * (j["b"] - j["a"]).abs().sum())
-
-
-def reweight_report(before: pl.DataFrame, kept_ids: pl.Series, weights: pl.DataFrame, cfg: ReweightConfig, top: int = 12) -> dict[str, Any]:
-    """TV before/after (unweighted and weighted), the largest shifts, and a PNG plot of them."""
-    after = before.filter(pl.col("image_id").is_in(kept_ids.implode()))
-    sb = _shares(before).rename({"share": "share_before"})
-    sa = _shares(after).rename({"share": "share_after"})
-    aw = after.join(weights.select("image_id", "weight"), on="image_id", how="left").with_columns(pl.col("weight").fill_null(1.0))
-    sw = _shares(aw, weight="weight").rename({"share": "share_after_weighted"})
-    shifts = (
-        sb.join(sa, on="cluster", how="left").join(sw, on="cluster", how="left").fill_null(0.0)
-        .with_columns((pl.col("share_after") - pl.col("share_before")).abs().alias("shift"))
-        .sort("shift", descending=True).head(top)
+    """Total-variation distance (½ Σ |p − q|, in [0, 1]) over clusters between the distribution of
+    `before` (image_id, cluster) and that of its subset `after_ids`, weighted by `weights`
+    (image_id, weight) when given."""
+    b = _before_frame(before)
+    j = (
+        _shares(b, "p")
+        .join(_after_shares(b, after_ids, weights, "q"), on="cluster", how="full", coalesce=True)
+        .fill_null(0.0)
     )
+    return float(0.5 * (j["p"] - j["q"]).abs().sum())
+
+
+def reweight_report(
+    before: pl.DataFrame,
+    kept_ids: pl.Series,
+    weights: pl.DataFrame,
+    cfg: ReweightConfig = ReweightConfig(),
+    top: int = 12,
+) -> dict[str, Any]:
+    """What reweighting did, for asset metadata.
+
+    Keys: tv_unweighted, tv_weighted (≈ 0 when no bound binds and no cluster was emptied),
+    clusters_emptied (clusters with images before and none after), clipped_low / clipped_high
+    (kept images whose weight sits at a bound), top_shifts (frame: cluster, share_before,
+    share_after, share_after_weighted, shift — the `top` largest |after − before|), plot_png
+    (PNG bytes of those shifts, None when there are no clusters) and config.
+    """
+    b = _before_frame(before, cfg)
+    shifts = (
+        _shares(b, "share_before")
+        .join(_after_shares(b, kept_ids, None, "share_after"), on="cluster", how="left")
+        .join(_after_shares(b, kept_ids, weights, "share_after_weighted"), on="cluster", how="left")
+        .with_columns(pl.col("share_after", "share_after_weighted").fill_null(0.0))
+        .with_columns((pl.col("share_after") - pl.col("share_before")).abs().alias("shift"))
+        .sort(["shift", "cluster"], descending=[True, False])
+    )
+    w = weights["weight"] if weights.height else pl.Series("weight", [], dtype=pl.Float64)
+    eps = 1e-12
+    top_shifts = shifts.head(top)
     return {
-        "tv_unweighted": total_variation(before, kept_ids),
-        "tv_weighted": total_variation(before, kept_ids, weights),
-        "top_shifts": shifts,
-        "plot_png": _plot(shifts) if shifts.height else None,
+        "tv_unweighted": total_variation(b, kept_ids),
+        "tv_weighted": total_variation(b, kept_ids, weights),
+        "clusters_emptied": int(shifts.filter((pl.col("share_before") > 0) & (pl.col("share_after") == 0)).height),
+        "clipped_low": int((w <= cfg.min_weight + eps).sum()),
+        "clipped_high": int((w >= cfg.max_weight - eps).sum()),
+        "top_shifts": top_shifts,
+        "plot_png": _plot(top_shifts) if top_shifts.height else None,
         "config": {"clustering": cfg.clustering, "min_weight": cfg.min_weight, "max_weight": cfg.max_weight},
     }
 
@@ -98,13 +220,14 @@ def _plot(shifts: pl.DataFrame) -> bytes:
 
     x = np.arange(shifts.height)
     fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
-    ax.bar(x - 0.27, shifts["share_before"], 0.27, label="before filtering")
-    ax.bar(x, shifts["share_after"], 0.27, label="after, unweighted")
-    ax.bar(x + 0.27, shifts["share_after_weighted"], 0.27, label="after, weighted")
+    ax.bar(x - 0.27, shifts["share_before"].to_numpy(), 0.27, label="before filtering")
+    ax.bar(x, shifts["share_after"].to_numpy(), 0.27, label="after, unweighted")
+    ax.bar(x + 0.27, shifts["share_after_weighted"].to_numpy(), 0.27, label="after, weighted")
     ax.set_xticks(x)
     ax.set_xticklabels([str(c) for c in shifts["cluster"].to_list()], fontsize=7)
-    ax.set_xlabel("cluster (largest shifts)")
-    ax.set_ylabel("share")
+    ax.set_xlabel("cluster (largest shifts first)")
+    ax.set_ylabel("share of images")
+    ax.set_title("cluster shares before and after filtering")
     ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()

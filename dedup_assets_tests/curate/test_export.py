@@ -60,7 +60,8 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             st = p.stat()
-            out[p.relative_to(root).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[p.relative_to(root).as_posix()] = (digest, st.st_size, st.st_mtime_ns)
     return out
 
 
