@@ -27,7 +27,7 @@ GOOD_CAPTIONS = [
     "a quiet landscape with rolling green hills under a pale blue sky",
     "a simple chart with coloured bars on a white background",
     "a page of printed words in a plain black typeface",
-    "an analog wall clock with black hands on a white face",
+    "a round clock on a kitchen wall showing the time",
     "a bright abstract composition of circles and squares",
     "sunset over the hills with warm orange light",
 ]
