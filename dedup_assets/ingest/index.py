@@ -1,7 +1,16 @@
 """The per-shard index frame: one row per image file found, including the ones that fail.
 
-Grain: one row per image file of one shard (a second image with the same base name, e.g. `a.jpg`
-and `a.png`, keeps its extension in the key: `a` and `a.png`). Sorted by image_id.
+Grain: one row per image file of one shard (a file with an image extension; its sidecars are
+folded into the row). Rows are sorted by image_id = f"{shard}/{key}", which is unique: a second
+image with the same base name keeps its extension in the key (`a.jpg` → "a", `a.png` → "a.png";
+rule in `dedup_assets.ingest.shards`). No Dagster here.
+
+Columns (`INDEX_SCHEMA`, in this order): caption from `<key>.txt`, else the JSON sidecar's
+"caption"; url from the JSON "url"; metadata = the JSON sidecar re-serialized (sorted keys) or
+null; bytes and sha256 of the file; format/width/height/mode/status/error from `probe` (width and
+height after EXIF orientation, mode as stored). status is "ok" or a reason (see
+`dedup_assets.ingest.decode`, plus "unreadable" for a file that could not be read); a sidecar
+problem never changes status and is appended to error as "sidecar: ...".
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ import hashlib
 import json
 import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
@@ -36,12 +47,6 @@ INDEX_SCHEMA: dict[str, pl.DataType] = {
     "error": pl.String,
 }
 
-WINDOW = 256  # records in flight at once: bounds memory with a process pool
-
-
-def _probe_task(args: tuple[bytes, DecodeLimits]) -> ProbeResult:
-    return probe(*args)
-
 
 def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     it = iter(records)
@@ -49,19 +54,30 @@ def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def _row(shard: Shard, rec: Record, res: ProbeResult) -> dict[str, Any]:
-    url = rec.meta.get("url") if rec.meta and isinstance(rec.meta.get("url"), str) else None
+def _metadata_json(meta: dict[str, Any] | None) -> str | None:
+    if meta is None:
+        return None
+    try:
+        return json.dumps(meta, ensure_ascii=False, sort_keys=True, allow_nan=False)
+    except ValueError:  # NaN/Infinity are not JSON; keep them readable rather than drop the row
+        return json.dumps(meta, ensure_ascii=False, sort_keys=True)
+
+
+def _row(shard: Shard, rec: Record, res: ProbeResult | None) -> dict[str, Any]:
+    url = rec.meta.get("url") if rec.meta is not None else None
+    if res is None:  # the bytes could not be read
+        res = ProbeResult(rec.read_status or "unreadable", rec.read_error, None, None, None, None)
     error = res.error
     if rec.sidecar_error:
-        error = f"{error}; {rec.sidecar_error}" if error else rec.sidecar_error
+        error = f"{error}; sidecar: {rec.sidecar_error}" if error else f"sidecar: {rec.sidecar_error}"
     return {
         "image_id": f"{shard.name}/{rec.key}",
         "shard": shard.name,
         "key": rec.key,
         "location": rec.location,
         "caption": rec.caption,
-        "url": url,
-        "metadata": json.dumps(rec.meta, ensure_ascii=False, sort_keys=True) if rec.meta is not None else None,
+        "url": url if isinstance(url, str) else None,
+        "metadata": _metadata_json(rec.meta),
         "bytes": len(rec.data),
         "sha256": hashlib.sha256(rec.data).hexdigest(),
         "format": res.format,
@@ -73,6 +89,62 @@ def _row(shard: Shard, rec: Record, res: ProbeResult) -> dict[str, Any]:
     }
 
 
+def _crash(exc: BaseException) -> ProbeResult:
+    msg = f"the decoder process died on this file ({type(exc).__name__})"
+    return ProbeResult("decoder_crash", msg, None, None, None, None)
+
+
+class _Prober:
+    """`probe` in this process (workers=1) or in a pool of spawned processes.
+
+    A file that kills a worker (a decoder crash on hostile bytes) becomes a "decoder_crash" row:
+    the window it was in is retried one file at a time in a fresh pool.
+    """
+
+    def __init__(self, workers: int, limits: DecodeLimits) -> None:
+        self.workers, self.limits = workers, limits
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            # spawn, not fork: the caller may be a threaded Dagster process.
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        return self.pool
+
+    def _reset(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def run(self, datas: list[bytes]) -> list[ProbeResult]:
+        if self.workers == 1:
+            return [probe(d, self.limits) for d in datas]
+        try:
+            return list(self._pool().map(probe, datas, [self.limits] * len(datas), chunksize=8))
+        except BrokenProcessPool:
+            self._reset()
+        out = []
+        for d in datas:
+            try:
+                out.append(self._pool().submit(probe, d, self.limits).result())
+            except BrokenProcessPool as e:
+                self._reset()
+                out.append(_crash(e))
+        if len(datas) > 1 and all(r.status == "decoder_crash" for r in out):
+            # Not one hostile file: the workers cannot run at all. Say so instead of filling
+            # the index with crash rows.
+            raise RuntimeError(
+                f"every decode worker process died ({len(datas)} files in a row); the worker "
+                "processes cannot start or run here. Try workers=1."
+            )
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
 def index_shard(
     shard: Shard,
     limits: DecodeLimits = DecodeLimits(),
@@ -80,34 +152,47 @@ def index_shard(
     progress: Callable[[int, float], None] | None = None,
     progress_every: int = 500,
 ) -> pl.DataFrame:
-    """Read, hash and probe every image file of a shard (decoding in `workers` processes)."""
+    """Read, hash and probe every image file of a shard; one row per file, schema `INDEX_SCHEMA`.
+
+    Files are streamed (a tar is read once); with workers > 1 decoding runs in that many spawned
+    processes (bytes in, ProbeResult out) over windows of files, so memory stays bounded by the
+    window. `progress(n_done, elapsed_s)` is called about every `progress_every` files and once
+    at the end.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: give 1 (decode in this process) or more worker processes")
+    if progress_every < 1:
+        raise ValueError(f"progress_every={progress_every!r}: give a number of files >= 1")
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    last_report = 0
+    window = 16 if workers == 1 else max(64, 32 * workers)
+    prober = _Prober(workers, limits)
+    next_report = progress_every
     try:
-        for window in _windows(iter_shard(shard), WINDOW):
-            tasks = [(r.data, limits) for r in window]
-            results = pool.map(_probe_task, tasks, chunksize=8) if pool else [_probe_task(t) for t in tasks]
-            rows.extend(_row(shard, r, res) for r, res in zip(window, results))
-            if progress and len(rows) - last_report >= progress_every:
-                last_report = len(rows)
+        for recs in _windows(iter_shard(shard), window):
+            readable = [r for r in recs if r.read_status is None]
+            results = iter(prober.run([r.data for r in readable]))
+            rows.extend(_row(shard, r, next(results) if r.read_status is None else None) for r in recs)
+            if progress is not None and len(rows) >= next_report:
                 progress(len(rows), time.perf_counter() - started)
+                next_report = (len(rows) // progress_every + 1) * progress_every
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    if progress:
+        prober.close()
+    if progress is not None:
         progress(len(rows), time.perf_counter() - started)
     return pl.DataFrame(rows, schema=INDEX_SCHEMA).sort("image_id")
 
 
 def summarize_index(df: pl.DataFrame) -> dict[str, Any]:
-    """Counts for metadata: rows, ok, rejected by reason, total bytes."""
-    rejected = df.filter(pl.col("status") != "ok").group_by("status").len()
+    """Counts for asset metadata: rows, ok, rejected by reason, total bytes, captions, urls."""
+    if df.height == 0:
+        return {"rows": 0, "ok": 0, "rejected_by_reason": {}, "total_bytes": 0, "with_caption": 0, "with_url": 0}
+    rejected = df.filter(pl.col("status") != "ok").group_by("status").len().sort("status")
     return {
         "rows": df.height,
-        "ok": int((df["status"] == "ok").sum()) if df.height else 0,
+        "ok": int((df["status"] == "ok").sum()),
         "rejected_by_reason": {s: int(n) for s, n in rejected.iter_rows()},
-        "total_bytes": int(df["bytes"].sum()) if df.height else 0,
+        "total_bytes": int(df["bytes"].sum()),
+        "with_caption": int(df["caption"].is_not_null().sum()),
+        "with_url": int(df["url"].is_not_null().sum()),
     }

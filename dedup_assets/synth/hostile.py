@@ -10,6 +10,7 @@ import json
 import struct
 import tarfile
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,27 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    idat = zlib.compress(b"\x00" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@lru_cache(maxsize=1)
+def real_bomb_png(side: int = 20_000) -> bytes:
+    """A complete, valid 1-bit PNG of side x side black pixels (~50 kB for 400 MP).
+
+    Unlike `bomb_png` every byte of pixel data is there, so a decoder without a guard would
+    really allocate and fill side*side pixels; the IDAT stream is compressed row by row so that
+    making it never holds the raw image either.
+    """
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte 0, then all-zero (black) bits
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def exif_rotated_jpeg(orientation: int = 6) -> bytes:
@@ -71,6 +92,15 @@ def hostile_files() -> dict[str, bytes]:
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     one_bit = Image.fromarray((np.indices((30, 40)).sum(0) % 2 * 255).astype(np.uint8)).convert("1")
+    # 32-bit integer and float grayscale (scientific/TIFF exports): left half dark, right half bright.
+    i32 = np.zeros((30, 40), np.int32)
+    i32[:, 20:] = 60_000
+    f32 = np.zeros((30, 40), np.float32)
+    f32[:, 20:] = 1.0
+    pa = Image.new("PA", (40, 30))
+    pa.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pa.paste((1, 255), (0, 0, 20, 30))  # left: opaque blue
+    pa.paste((0, 0), (20, 0, 40, 30))  # right: fully transparent red
     return {
         "empty.jpg": b"",
         "truncated.jpg": jpeg[: len(jpeg) // 2],
@@ -88,6 +118,9 @@ def hostile_files() -> dict[str, bytes]:
         "one_bit.bmp": _save(one_bit, "BMP"),
         "image.tiff": _save(grad, "TIFF"),
         "image.webp": _save(grad, "WEBP", quality=90),
+        "gray32.tif": _save(Image.fromarray(i32, "I"), "TIFF"),
+        "float32.tif": _save(Image.fromarray(f32, "F"), "TIFF"),
+        "palette_alpha.tif": _save(pa, "TIFF"),
     }
 
 
