@@ -29,7 +29,6 @@ from typing import Any
 import polars as pl
 
 MARKER = ".dedup-assets-export.json"
-_TAR_SPLIT = ".tar::"
 
 
 def write_manifest(kept: pl.DataFrame, path: Path) -> Path:
@@ -88,7 +87,7 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
     copied, from_tar, captions, and out_dir. Raises FileExistsError rather than replace a folder
     this function did not write.
     """
-    from dedup_assets.ingest.shards import unescape
+    from dedup_assets.ingest.shards import split_location
 
     out_dir = Path(out_dir).absolute()
     _check_replaceable(out_dir)
@@ -109,19 +108,15 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
                 made.add(shard_dir)
                 counts["shards"] += 1
             loc: str = row["location"]
-            cut = loc.find(_TAR_SPLIT)
-            if cut >= 0:
-                tar_path, member = unescape(loc[: cut + 4]), unescape(loc[cut + len(_TAR_SPLIT) :])
-                src_name = member
-            else:
-                src_name = unescape(loc)
+            path, member = split_location(loc)
+            src_name = member if member is not None else path
             dest = os.path.join(shard_dir, _dest_name(row["key"], os.path.basename(src_name)))
             parent = os.path.dirname(dest)
             if parent not in made:
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
-            if cut >= 0:
-                tar_jobs[tar_path].append((member.decode("utf-8", "surrogateescape"), dest))
+            if member is not None:
+                tar_jobs[path].append((member.decode("utf-8", "surrogateescape"), dest))
             else:
                 _link_or_copy(src_name, dest, link, counts)
             if row["caption"] is not None:
