@@ -31,6 +31,11 @@ concurrency:
 """
 
 
+# The terminal shows the assets' own progress lines (INFO), not Dagster's per-step DEBUG events;
+# the full event log is in the UI.
+QUIET = {"console": {"config": {"log_level": "INFO"}}}
+
+
 def _dagster_home(explicit: str | None, warehouse: Path) -> Path:
     """DAGSTER_HOME to use: --dagster-home, $DAGSTER_HOME, the cwd if it has dagster.yaml
     (the repository root), else a folder next to the warehouse."""
@@ -119,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     resources["embedder"] = resources["embedder"].model_copy(update={"on_model_change": "reset"})
     wh = Warehouse(settings.warehouse)
     failures: list[str] = []
+    shard_check_failures: list[str] = []
     started = time.perf_counter()
     total_images = 0
     for n, shard in enumerate(shards, 1):
@@ -127,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ALL_ASSETS + ALL_CHECKS,
             selection=PER_SHARD_ASSETS,
             partition_key=shard.name,
+            run_config={"loggers": QUIET},
             resources=resources,
             instance=instance,
             raise_on_error=False,
@@ -143,13 +150,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         if not result.success:
             failures.extend(_failed_steps(result))
+        for name, passed in _check_results(result):
+            if not passed:
+                shard_check_failures.append(f"{name} (shard {shard.name})")
     _print(f"per-shard stage: {total_images} files in {time.perf_counter() - started:.1f}s")
 
     t0 = time.perf_counter()
     result = materialize(
         ALL_ASSETS + ALL_CHECKS,
         selection=CORPUS_ASSETS,
-        run_config={"ops": {"clusterings": {"config": {"refit": bool(getattr(args, "refit", False))}}}},
+        run_config={
+            "ops": {"clusterings": {"config": {"refit": bool(getattr(args, "refit", False))}}},
+            "loggers": QUIET,
+        },
         resources=resources,
         instance=instance,
         raise_on_error=False,
@@ -158,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print(f"corpus stage: {'ok' if result.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s  run {result.run_id[:8]}")
     if not result.success:
         failures.extend(_failed_steps(result))
-    _print_summary(wh, result)
+    _print_summary(wh, result, shard_check_failures)
     if failures:
         _print("\nFAILED steps:\n  " + "\n  ".join(failures))
         return 1
@@ -181,7 +194,7 @@ def _failed_steps(result) -> list[str]:  # noqa: ANN001
     return out
 
 
-def _print_summary(wh, result) -> None:  # noqa: ANN001
+def _print_summary(wh, result, shard_check_failures: list[str]) -> None:  # noqa: ANN001
     def count(table: str, where: str = "") -> int | str:
         if not wh.table_exists(table):
             return "-"
@@ -202,10 +215,21 @@ def _print_summary(wh, result) -> None:  # noqa: ANN001
         ("flagged near-copies", "regurgitation_audit", "WHERE flagged AND rank = 1"),
     ]:
         _print(f"  {label:<28} {count(table, where)}")
-    for ev in result.all_events:
-        if ev.event_type_value == "ASSET_CHECK_EVALUATION":
-            data = ev.event_specific_data
-            _print(f"  check {data.check_name:<22} {'passed' if data.passed else 'FAILED'}")
+    for name, passed in _check_results(result):
+        note = ""
+        if not passed and name == "no_regurgitation":
+            note = "  (near-copies of training images: see regurgitation_audit.html)"
+        _print(f"  check {name:<22} {'passed' if passed else 'FAILED'}{note}")
+    for line in shard_check_failures:
+        _print(f"  check {line} FAILED")
+
+
+def _check_results(result) -> list[tuple[str, bool]]:  # noqa: ANN001
+    return [
+        (ev.event_specific_data.check_name, bool(ev.event_specific_data.passed))
+        for ev in result.all_events
+        if ev.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
