@@ -103,33 +103,71 @@ def make_text(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return img
 
 
+# Clock designs differ in geometry, not only in colour: a recoloured or grayscale copy of a clock
+# is a near-copy, so two bases at the same time must differ in shape to be different images.
+# (face colour, ink colour, background, face shape, tick kind, hand width scale)
+CLOCK_STYLES = (
+    ((255, 255, 255), (0, 0, 0), (240, 240, 240), "round", "ticks12", 1.0),
+    ((250, 240, 210), (60, 30, 10), (200, 220, 255), "round", "ticks4", 1.3),
+    ((30, 30, 40), (240, 240, 240), (90, 90, 110), "round", "dots12", 1.0),
+    ((220, 250, 220), (0, 80, 0), (255, 255, 255), "square", "ticks12", 1.0),
+    ((255, 255, 255), (20, 40, 140), (250, 250, 250), "round", "ticks60", 0.6),
+    ((240, 220, 230), (90, 0, 40), (60, 60, 60), "octagon", "ticks12", 1.6),
+)
+# Clock bases show times on a 5-minute grid strictly between 12:00 and 6:00: the mirror image of
+# t minutes past twelve is 720 - t (2:00 <-> 10:00), so no base is a horizontally flipped copy of
+# another. Each time is used once before any repeats, and a repeat uses the design three styles
+# away (round vs square, thin vs four-tick, dots vs octagon): two clocks of one design differ by at
+# least a 30-degree turn of the minute hand, and two clocks at one time differ in design. (Past
+# 142 clocks, i.e. 568 bases, later repeats use the remaining designs; no face repeats exactly
+# before 426 clocks.)
+CLOCK_SLOTS = 71
+
+
 def make_clock(hour: int, minute: int, size: int = 256, style: int = 0) -> Image.Image:
-    """An analog clock face showing hour:minute."""
-    styles = [((255, 255, 255), (0, 0, 0), (240, 240, 240)), ((250, 240, 210), (60, 30, 10), (200, 220, 255)),
-              ((30, 30, 40), (240, 240, 240), (90, 90, 110)), ((220, 250, 220), (0, 80, 0), (255, 255, 255))]
-    face, ink, bg = styles[style % len(styles)]
+    """An analog clock face showing hour:minute; style (0-5) picks the design."""
+    face, ink, bg, shape, ticks, hand = CLOCK_STYLES[style % len(CLOCK_STYLES)]
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
     c, r = size / 2, size * 0.42
-    d.ellipse([c - r, c - r, c + r, c + r], fill=face, outline=ink, width=max(2, size // 64))
-    for i in range(12):
-        a = i * math.pi / 6
-        d.line([(c + 0.85 * r * math.sin(a), c - 0.85 * r * math.cos(a)),
-                (c + 0.97 * r * math.sin(a), c - 0.97 * r * math.cos(a))], fill=ink, width=max(2, size // 80))
+    outline = max(2, size // 64)
+    if shape == "round":
+        d.ellipse([c - r, c - r, c + r, c + r], fill=face, outline=ink, width=outline)
+    elif shape == "square":
+        d.rounded_rectangle([c - r, c - r, c + r, c + r], radius=r * 0.25, fill=face, outline=ink, width=outline)
+    else:
+        pts = [(c + r * math.cos(math.pi / 8 + k * math.pi / 4), c + r * math.sin(math.pi / 8 + k * math.pi / 4)) for k in range(8)]
+        d.polygon(pts, fill=face, outline=ink, width=outline)
+    marks = {"ticks12": 12, "ticks4": 4, "dots12": 12, "ticks60": 60}[ticks]
+    for i in range(marks):
+        a = i * 2 * math.pi / marks
+        s, co = math.sin(a), -math.cos(a)
+        if ticks == "dots12":
+            rd = size / 70
+            d.ellipse([c + 0.88 * r * s - rd, c + 0.88 * r * co - rd, c + 0.88 * r * s + rd, c + 0.88 * r * co + rd], fill=ink)
+            continue
+        inner = 0.75 if ticks == "ticks4" else (0.85 if ticks == "ticks12" or i % 5 == 0 else 0.92)
+        width = max(2, size // 80) * (2 if ticks == "ticks4" else 1)
+        d.line([(c + inner * r * s, c + inner * r * co), (c + 0.97 * r * s, c + 0.97 * r * co)], fill=ink, width=width)
     ha = (hour % 12 + minute / 60) * math.pi / 6
     ma = minute * math.pi / 30
-    d.line([(c, c), (c + 0.5 * r * math.sin(ha), c - 0.5 * r * math.cos(ha))], fill=ink, width=max(3, size // 40))
-    d.line([(c, c), (c + 0.8 * r * math.sin(ma), c - 0.8 * r * math.cos(ma))], fill=ink, width=max(2, size // 64))
+    d.line([(c, c), (c + 0.5 * r * math.sin(ha), c - 0.5 * r * math.cos(ha))], fill=ink,
+           width=max(3, round(size / 40 * hand)))
+    d.line([(c, c), (c + 0.8 * r * math.sin(ma), c - 0.8 * r * math.cos(ma))], fill=ink,
+           width=max(2, round(size / 64 * hand)))
     return img
 
 
 def make_base_images(n: int, seed: int = 0, size: tuple[int, int] = (320, 256)) -> list[tuple[str, Image.Image]]:
-    """n (kind, image) pairs cycling through the four kinds; deterministic by seed."""
+    """n (kind, image) pairs cycling through the four kinds; deterministic by seed.
+
+    Grain: one base image per row. Near-but-different pairs arise by construction: clocks of one
+    design at other times, text pages with other words, bar charts of one layout.
+    """
     rng = np.random.default_rng(seed)
-    # Clocks: distinct (style, time) combinations on a 20-minute grid, so two bases never show
-    # (almost) the same face — a clock 2 minutes later is a copy in all but name — and only times
-    # from 12:20 to 5:40, because the mirror image of 2:00 is 10:00: a horizontally flipped copy.
-    clock_faces = np.random.default_rng(seed + 7).permutation(4 * 17)
+    crng = np.random.default_rng(seed + 7)
+    clock_slots = crng.permutation(CLOCK_SLOTS)
+    clock_styles = crng.integers(0, len(CLOCK_STYLES), CLOCK_SLOTS)
     out: list[tuple[str, Image.Image]] = []
     for i in range(n):
         kind = KINDS[i % len(KINDS)]
@@ -140,9 +178,10 @@ def make_base_images(n: int, seed: int = 0, size: tuple[int, int] = (320, 256)) 
         elif kind == "text":
             img = make_text(rng, size)
         else:
-            face = int(clock_faces[(i // len(KINDS)) % clock_faces.size])
-            style, slot = divmod(face, 17)
-            slot += 1  # 0 would be 12:00, its own mirror image
-            img = make_clock(slot // 3, (slot % 3) * 20, size=min(size), style=style)
+            k = i // len(KINDS)
+            slot = int(clock_slots[k % CLOCK_SLOTS])
+            style = (int(clock_styles[slot]) + (0, 3, 1, 4, 2, 5)[(k // CLOCK_SLOTS) % 6]) % len(CLOCK_STYLES)
+            minutes = 5 * (slot + 1)  # 0 would be 12:00, its own mirror image
+            img = make_clock(minutes // 60, minutes % 60, size=min(size), style=style)
         out.append((kind, img))
     return out

@@ -18,6 +18,8 @@ from dedup_assets.synth.transforms import TRANSFORMS, random_copy
 
 @dataclass
 class CopySet:
+    """A labelled near-copy set: one row per image; bases carry ops == []."""
+
     images: list[Image.Image]
     origin: np.ndarray  # base index per image
     kinds: list[str]
@@ -69,7 +71,10 @@ def best_recall_at_precision(emb: np.ndarray, origin: np.ndarray, min_precision:
     tp = np.cumsum(truth[order])
     fp = np.cumsum(~truth[order])
     prec = tp / np.maximum(tp + fp, 1)
-    ok = np.flatnonzero(prec >= min_precision)
+    # only cut between distinct values: a threshold admits every pair tied with it
+    sorted_s = s[order]
+    cut = np.append(sorted_s[:-1] > sorted_s[1:], True)
+    ok = np.flatnonzero((prec >= min_precision) & cut)
     if ok.size == 0:
         return 0.0, 1.0
     i = ok.max()
