@@ -18,6 +18,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from dedup_assets.dedup.kmeans import _as_matrix  # one validation of (n, d) float32 input for both
+
 __all__ = [
     "Pairs",
     "brute_force_pairs",
@@ -75,13 +77,6 @@ def resolve_torch_device(device: str) -> str:
             "use device='auto' or 'cpu' on this machine"
         )
     return "cpu"
-
-
-def _check_x(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a 2-D (n, d) array, got shape {x.shape}")
-    return x
 
 
 def _check_common(threshold: float, block_size: int) -> None:
@@ -253,7 +248,7 @@ def pairs_within_clusters(
     once. Peak extra memory per step: block_size² similarities plus 2 · block_size rows of x.
     `comparisons` counts the dot products computed (diagonal blocks are computed in full).
     """
-    x = _check_x(x)
+    x = _as_matrix(x)
     n = x.shape[0]
     _check_common(threshold, block_size)
     if not 0 <= clustering_index < 8:
@@ -310,7 +305,7 @@ def union_pairs(per_clustering: Sequence[Pairs]) -> Pairs:
 
 def brute_force_pairs(x: np.ndarray, threshold: float, block_size: int = 4096, device: str = "auto") -> Pairs:
     """Every pair with cosine ≥ threshold over all n(n-1)/2 pairs (the exact baseline)."""
-    x = _check_x(x)
+    x = _as_matrix(x)
     _check_common(threshold, block_size)
     search = _searcher(x, threshold, block_size, device)
     if x.shape[0] >= 2:
