@@ -7,7 +7,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export DAGSTER_HOME := $(CURDIR)
 
-.PHONY: venv browser-deps demo test test-all dev bench clean
+.PHONY: venv system-deps demo test test-all dev bench clean
 
 # Create or update the virtualenv. pip here is capped at torch<=2.14.1 (see pyproject.toml).
 venv: $(STAMP)
@@ -20,19 +20,21 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/dedup-assets demo
 
-# Debian's chromium for the UI test (Playwright drives it; it never downloads a browser). Needs root
-# or an existing install; without it the browser test is skipped with a reason.
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	  || echo "chromium not installed: the browser test will be skipped"; }
+# Debian's chromium for the UI test (Playwright drives it; it never downloads a browser) and
+# redis-server for the Celery scale-out test. Needs root or existing installs; without them those
+# tests are skipped with a reason.
+system-deps:
+	@{ command -v chromium >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium redis-server >/dev/null) \
+	  || echo "chromium/redis-server not installed: the browser and Celery tests will be skipped"; }
 
 # Set-up + the test suite (what .ci/run calls): the default suite plus the browser test.
-test: venv browser-deps
+test: venv system-deps
 	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not gpu and not slow"
 
 # Also the opt-in slow tests.
-test-all: venv browser-deps
+test-all: venv system-deps
 	$(BIN)/python -m pytest -q -n 2 -m "not gpu"
 
 # The Dagster UI on http://127.0.0.1:3000 (DAGSTER_HOME = this folder, see dagster.yaml).

@@ -6,6 +6,7 @@ Settings come from the environment (see `dedup_assets.settings` and the README),
 
 
 from dagster import AssetSelection, Definitions, ScheduleDefinition, define_asset_job
+from dagster_celery import celery_executor
 
 from dedup_assets.defs.curate import (
     CurateResource,
@@ -31,6 +32,7 @@ from dedup_assets.defs.ingest import (
     shard_job,
     shard_sensor,
 )
+from dedup_assets.defs.partitions import shards_partitions
 from dedup_assets.defs.resources import resources_from_settings
 from dedup_assets.settings import Settings
 
@@ -52,6 +54,23 @@ corpus_job = define_asset_job(
 )
 
 
+# Scale-out: the same assets with every step sent to Celery workers, which may run on other machines
+# (README "Scale-out"). Broker and backend come from run config (execution.config.broker/backend).
+shard_job_celery = define_asset_job(
+    "shard_job_celery",
+    selection=AssetSelection.assets(*PER_SHARD_ASSETS),
+    partitions_def=shards_partitions,
+    executor_def=celery_executor,
+    description="shard_job with its steps executed by Celery workers.",
+)
+corpus_job_celery = define_asset_job(
+    "corpus_job_celery",
+    selection=AssetSelection.assets(*CORPUS_ASSETS),
+    executor_def=celery_executor,
+    description="corpus_job with its steps executed by Celery workers.",
+)
+
+
 def build_resources(settings: Settings) -> dict:
     resources = resources_from_settings(settings)
     resources.update(
@@ -67,7 +86,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
     return Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[shard_job, corpus_job, discover_shards_job],
+        jobs=[shard_job, corpus_job, discover_shards_job, shard_job_celery, corpus_job_celery],
         sensors=[shard_sensor],
         schedules=[
             discovery_schedule(settings.discovery_cron),

@@ -246,6 +246,8 @@ def embed_stream(
         raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
     if progress_every < 1:
         raise ValueError(f"progress_every must be >= 1, got {progress_every}")
+    if workers and mp.current_process().daemon:
+        workers = 0  # a daemonic process (e.g. a Celery worker's child) may not start processes
     started = time.perf_counter()
     out = _Collector(embedder, started, progress, progress_every)
     if workers == 0:

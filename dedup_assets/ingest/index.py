@@ -163,6 +163,8 @@ def index_shard(
         raise ValueError(f"workers={workers!r}: give 1 (decode in this process) or more worker processes")
     if progress_every < 1:
         raise ValueError(f"progress_every={progress_every!r}: give a number of files >= 1")
+    if workers > 1 and mp.current_process().daemon:
+        workers = 1  # a daemonic process (e.g. a Celery worker's child) may not start processes
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     window = 16 if workers == 1 else max(64, 32 * workers)
