@@ -63,22 +63,24 @@ def pair_precision_recall(emb: np.ndarray, origin: np.ndarray, threshold: float)
 
 def best_recall_at_precision(emb: np.ndarray, origin: np.ndarray, min_precision: float = 0.95) -> tuple[float, float]:
     """(highest recall with precision ≥ min_precision, the threshold that gives it)."""
-    sims = emb @ emb.T
     iu = np.triu_indices(len(origin), 1)
-    s = sims[iu]
-    truth = origin[iu[0]] == origin[iu[1]]
-    order = np.argsort(-s)
+    return recall_at_precision((emb @ emb.T)[iu], origin[iu[0]] == origin[iu[1]], min_precision)
+
+
+def recall_at_precision(sims: np.ndarray, truth: np.ndarray, min_precision: float = 0.95) -> tuple[float, float]:
+    """The same over flat arrays: one similarity and one true/false label per pair."""
+    order = np.argsort(-sims, kind="stable")
     tp = np.cumsum(truth[order])
     fp = np.cumsum(~truth[order])
     prec = tp / np.maximum(tp + fp, 1)
     # only cut between distinct values: a threshold admits every pair tied with it
-    sorted_s = s[order]
+    sorted_s = sims[order]
     cut = np.append(sorted_s[:-1] > sorted_s[1:], True)
     ok = np.flatnonzero((prec >= min_precision) & cut)
     if ok.size == 0:
         return 0.0, 1.0
     i = ok.max()
-    return float(tp[i] / max(truth.sum(), 1)), float(s[order][i])
+    return float(tp[i] / max(truth.sum(), 1)), float(sorted_s[i])
 
 
 def per_transform_recall(emb: np.ndarray, cs: CopySet, threshold: float) -> dict[str, float]:
