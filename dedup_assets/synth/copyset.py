@@ -93,3 +93,23 @@ def per_transform_recall(emb: np.ndarray, cs: CopySet, threshold: float) -> dict
         key = op[0] if len(op) == 1 else f"combo{len(op)}"
         hits[key].append(float(emb[i] @ emb[base_row[int(o)]]) >= threshold)
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+
+
+def per_transform_precision_recall(emb: np.ndarray, cs: CopySet, threshold: float) -> dict[str, tuple[float, float]]:
+    """(precision, recall) of 'cosine ≥ threshold' over all pairs in which one image is a copy made
+    by the transformation ('combo2'/'combo3' for combinations): its base, its sibling copies and
+    every other image of the set."""
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, op in enumerate(cs.ops):
+        if op:
+            rows[op[0] if len(op) == 1 else f"combo{len(op)}"].append(i)
+    out = {}
+    for key, idx in sorted(rows.items()):
+        pred = sims[idx] >= threshold
+        truth = cs.origin[idx][:, None] == cs.origin[None, :]
+        np.put_along_axis(truth, np.asarray(idx)[:, None], False, axis=1)
+        tp = int((pred & truth).sum())
+        out[key] = (tp / max(int(pred.sum()), 1), tp / max(int(truth.sum()), 1))
+    return out
