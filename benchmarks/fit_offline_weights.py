@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from dedup_assets.embed import offline
+from dedup_assets.embed.base import l2_normalize
 from dedup_assets.synth.copyset import make_copy_set, recall_at_precision
 
 _EMB = offline.OfflineEmbedder()
@@ -86,14 +87,18 @@ def fit_regime(sets: list[tuple[dict, np.ndarray]], start: dict[str, float]) -> 
     return w, best
 
 
+def normalized(w: dict[str, float], scale: float) -> dict[str, float]:
+    """Weights rescaled to sum to `scale` (a regime's weights sum to 1 - its offset)."""
+    total = sum(w.values())
+    return {k: v / total * scale for k, v in w.items() if v > 0}
+
+
 def embed_with(d: dict, wp: dict[str, float], wf: dict[str, float], photo_offset: float) -> np.ndarray:
-    """The embedding `offline._combine` builds, for a whole set at once (flat offset 0)."""
-    g = d["photo"][:, None]
-    sp, sf = sum(wp.values()), sum(wf.values())
-    chunks = [d["parts"][k] * np.sqrt(g * (1 - photo_offset) * wp[k] / sp + (1 - g) * wf[k] / sf) for k in offline.PARTS]
-    chunks.append(np.sqrt(np.concatenate([g * photo_offset, np.zeros_like(g)], axis=1)))
-    x = np.concatenate(chunks, axis=1)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    """Every image's vector as the embedder builds it (`offline._combine`) with these trial values."""
+    wp, wf = normalized(wp, 1 - photo_offset), normalized(wf, 1.0)
+    rows = [offline._combine({k: v[i] for k, v in d["parts"].items()}, float(g), wp, wf, photo_offset, 0.0)
+            for i, g in enumerate(d["photo"])]
+    return l2_normalize(np.stack(rows))
 
 
 def all_pairs(x: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,11 +139,11 @@ def main() -> None:
     threshold = float(np.floor(tau * 1000) / 1000)
     print(f"calibration seed {a.calibration_seed}: best recall {recall:.3f} at cosine {tau:.4f} → threshold {threshold}")
 
-    def normalized(w: dict[str, float], scale: float) -> dict[str, float]:
-        total = sum(w.values())
-        return {k: round(v / total * scale, 4) for k, v in w.items() if v > 0}
+    def rounded(w: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in w.items()}
 
-    out = {"PHOTO_WEIGHTS": normalized(weights["photo"], 1 - photo_offset), "FLAT_WEIGHTS": normalized(weights["flat"], 1.0),
+    out = {"PHOTO_WEIGHTS": rounded(normalized(weights["photo"], 1 - photo_offset)),
+           "FLAT_WEIGHTS": rounded(normalized(weights["flat"], 1.0)),
            "PHOTO_OFFSET": photo_offset, "FLAT_OFFSET": 0.0, "DUPLICATE_THRESHOLD": threshold}
     for k, v in out.items():
         print(f"{k} = {v!r}")

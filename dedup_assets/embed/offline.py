@@ -115,6 +115,11 @@ class OfflineEmbedderConfig:
 # small helpers
 
 
+def _border(rgb: np.ndarray) -> np.ndarray:
+    """The pixels of the outermost rows and columns (their median fills a turned frame)."""
+    return np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+
+
 def _unit_nc(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32).ravel()
     n = float(np.linalg.norm(v))
@@ -271,8 +276,7 @@ def _deskew(rgb: np.ndarray, min_strength: float, max_angle: float) -> np.ndarra
     if strength < min_strength or abs(a) > max_angle or abs(a) < 0.3:
         return rgb
     hh, ww, _ = rgb.shape
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    fill = tuple(int(v) for v in np.median(border, axis=0))
+    fill = tuple(int(v) for v in np.median(_border(rgb), axis=0))
     im = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
     im = im.rotate(a, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=fill)
     r = np.radians(abs(a))
@@ -413,8 +417,8 @@ def _views(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cw, ch = int(ww * ORBIT_CROP), int(hh * ORBIT_CROP)
     boxes = [(0, 0, ww, hh), (0, 0, cw, ch), (ww - cw, 0, ww, ch), (0, hh - ch, cw, hh), (ww - cw, hh - ch, ww, hh),
              ((ww - cw) // 2, (hh - ch) // 2, (ww - cw) // 2 + cw, (hh - ch) // 2 + ch)]
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]) @ _LUMA
-    turned = [lum.rotate(a, resample=Image.Resampling.BILINEAR, fillcolor=float(np.median(border))) for a in ORBIT_TURNS]
+    fill = float(np.median(_border(rgb) @ _LUMA))
+    turned = [lum.rotate(a, resample=Image.Resampling.BILINEAR, fillcolor=fill) for a in ORBIT_TURNS]
     scale = np.sqrt(SIDE * SIDE / (hh * ww))  # aspect kept: a crop shifts, it does not stretch
     pw, ph = max(8, round(ww * scale)), max(8, round(hh * scale))
     sq, asp = [], []
@@ -467,7 +471,7 @@ def _view_parts(g: np.ndarray, asp: np.ndarray) -> dict[str, np.ndarray]:
     # the left-minus-right parts (flip-invariant, yet they keep which features share a side)
     ph, pw = asp.shape[1:3]
     lum = asp.reshape(v, -1)
-    i0, i1, fr8, side, rings = _polar_layout(pw, ph, (0.1, 0.5, 0.9), 8)
+    i0, i1, fr8, _, rings = _polar_layout(pw, ph, (0.1, 0.5, 0.9), 8)
     p["hub8_lum"] = _units(_soft_means(lum, i0, i1, fr8, (rings + 1) * 8)[:, : rings * 8])
     centred = lum - lum.mean(axis=1, keepdims=True)
     for name, edges_r, sectors in (("anti8", (0.1, 0.5, 0.9), 8), ("anti6", (0.1, 0.45, 0.85), 6)):
@@ -483,12 +487,20 @@ def _view_parts(g: np.ndarray, asp: np.ndarray) -> dict[str, np.ndarray]:
     return p
 
 
-def _combine(parts: dict[str, np.ndarray], photo: float) -> np.ndarray:
+def _combine(
+    parts: dict[str, np.ndarray],
+    photo: float,
+    photo_weights: dict[str, float] = PHOTO_WEIGHTS,
+    flat_weights: dict[str, float] = FLAT_WEIGHTS,
+    photo_offset: float = PHOTO_OFFSET,
+    flat_offset: float = FLAT_OFFSET,
+) -> np.ndarray:
     """Weighted concatenation: a part's weight mixes its photo and flat weights by the photographic
-    score, and two constant components carry each regime's offset (see the module docstring)."""
-    chunks = [parts[k] * np.float32(np.sqrt(photo * PHOTO_WEIGHTS.get(k, 0.0) + (1 - photo) * FLAT_WEIGHTS.get(k, 0.0)))
+    score, and two constant components carry each regime's offset (see the module docstring).
+    The defaults are the shipped constants; the fit script passes trial values."""
+    chunks = [parts[k] * np.float32(np.sqrt(photo * photo_weights.get(k, 0.0) + (1 - photo) * flat_weights.get(k, 0.0)))
               for k in PARTS]
-    chunks.append(np.sqrt(np.array([photo * PHOTO_OFFSET, (1 - photo) * FLAT_OFFSET], np.float32)))
+    chunks.append(np.sqrt(np.array([photo * photo_offset, (1 - photo) * flat_offset], np.float32)))
     v = np.concatenate(chunks)
     out = np.zeros(DIM, np.float32)
     out[: v.size] = v

@@ -83,6 +83,11 @@ def recall_at_precision(sims: np.ndarray, truth: np.ndarray, min_precision: floa
     return float(tp[i] / max(truth.sum(), 1)), float(sorted_s[i])
 
 
+def transform_key(ops: list[str]) -> str:
+    """How a copy is reported: its transformation, or 'combo2'/'combo3' for combinations."""
+    return ops[0] if len(ops) == 1 else f"combo{len(ops)}"
+
+
 def per_transform_recall(emb: np.ndarray, cs: CopySet, threshold: float) -> dict[str, float]:
     """Recall of (base, copy) pairs by transformation ('combo2'/'combo3' for combinations)."""
     base_row = {int(o): i for i, (o, op) in enumerate(zip(cs.origin, cs.ops)) if not op}
@@ -90,7 +95,7 @@ def per_transform_recall(emb: np.ndarray, cs: CopySet, threshold: float) -> dict
     for i, (o, op) in enumerate(zip(cs.origin, cs.ops)):
         if not op:
             continue
-        key = op[0] if len(op) == 1 else f"combo{len(op)}"
+        key = transform_key(op)
         hits[key].append(float(emb[i] @ emb[base_row[int(o)]]) >= threshold)
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
@@ -104,7 +109,7 @@ def per_transform_precision_recall(emb: np.ndarray, cs: CopySet, threshold: floa
     rows: dict[str, list[int]] = defaultdict(list)
     for i, op in enumerate(cs.ops):
         if op:
-            rows[op[0] if len(op) == 1 else f"combo{len(op)}"].append(i)
+            rows[transform_key(op)].append(i)
     out = {}
     for key, idx in sorted(rows.items()):
         pred = sims[idx] >= threshold
