@@ -21,8 +21,6 @@ import errno
 import json
 import os
 import shutil
-import tarfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +85,7 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
     copied, from_tar, captions, and out_dir. Raises FileExistsError rather than replace a folder
     this function did not write.
     """
-    from dedup_assets.ingest.shards import split_location
+    from dedup_assets.ingest.shards import read_location, split_location
 
     out_dir = Path(out_dir).absolute()
     _check_replaceable(out_dir)
@@ -97,8 +95,6 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
         shutil.rmtree(staging)
     staging.mkdir()
     counts = {"shards": 0, "images": 0, "linked": 0, "copied": 0, "from_tar": 0, "captions": 0}
-    # tar path → [(member name, destination)], so each tar is opened and scanned once.
-    tar_jobs: dict[bytes, list[tuple[str, bytes]]] = defaultdict(list)
     try:
         made: set[bytes] = set()
         for row in kept.select("shard", "key", "location", "caption").iter_rows(named=True):
@@ -116,7 +112,11 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
             if member is not None:
-                tar_jobs[path].append((member.decode("utf-8", "surrogateescape"), dest))
+                # The location names one member (by header offset): read it through the same
+                # safe reader as the index (plain tars by seek, cached member table).
+                with open(dest, "wb") as f:
+                    f.write(read_location(loc))
+                counts["from_tar"] += 1
             else:
                 _link_or_copy(src_name, dest, link, counts)
             if row["caption"] is not None:
@@ -124,16 +124,6 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
                     f.write(row["caption"].encode("utf-8"))
                 counts["captions"] += 1
             counts["images"] += 1
-        for tar_path, jobs in tar_jobs.items():
-            with tarfile.open(os.fsdecode(tar_path), "r:") as tf:
-                members = {m.name: m for m in tf.getmembers() if m.isfile()}
-                for name, dest in jobs:
-                    if name not in members:
-                        raise FileNotFoundError(f"member {name!r} is no longer in {os.fsdecode(tar_path)}")
-                    src = tf.extractfile(members[name])
-                    with open(dest, "wb") as f:
-                        shutil.copyfileobj(src, f)  # type: ignore[arg-type]
-                    counts["from_tar"] += 1
         (staging / MARKER).write_text(json.dumps(counts, sort_keys=True), encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

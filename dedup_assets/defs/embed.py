@@ -19,7 +19,7 @@ from dedup_assets.defs.metadata import counts_md, markdown_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
-from dedup_assets.ingest.shards import Shard, find_shard, iter_shard
+from dedup_assets.ingest.shards import ReadLimits, Shard, find_shard, iter_shard
 
 GROUP = "embed"
 
@@ -47,8 +47,8 @@ def embeddings_frame(ids: list[str], shard: str, vectors: np.ndarray, model_id: 
     )
 
 
-def _ok_records(shard: Shard, ok_ids: set[str]) -> Iterator[tuple[str, bytes]]:
-    for rec in iter_shard(shard):
+def _ok_records(shard: Shard, ok_ids: set[str], limits: ReadLimits) -> Iterator[tuple[str, bytes]]:
+    for rec in iter_shard(shard, limits):
         image_id = f"{shard.name}/{rec.key}"
         if image_id in ok_ids:
             yield image_id, rec.data
@@ -81,7 +81,7 @@ def embeddings(
     failures: list[tuple[str, str, str]] = []
     missing = 0
     for name in shards:
-        shard = find_shard(dataset.root, name)
+        shard = find_shard(dataset.root, name, dataset.follow_links)
         ok_ids = set(
             wh.query(
                 "SELECT image_id FROM image_index WHERE shard = $shard AND status = 'ok'", {"shard": shard.name}
@@ -94,7 +94,7 @@ def embeddings(
 
         result = embed_stream(
             emb,
-            _ok_records(shard, ok_ids),
+            _ok_records(shard, ok_ids, dataset.read_limits),
             batch_size=embedder.batch_size,
             workers=embedder.workers,
             decode_side=getattr(emb, "decode_side", None),

@@ -2,6 +2,7 @@
 
 
 import json
+import os
 import time
 
 from dagster import (
@@ -26,8 +27,9 @@ from dagster import (
 from dedup_assets.defs.metadata import counts_md, markdown_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, SHARDS_PARTITIONS_NAME, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, WarehouseResource
-from dedup_assets.ingest.index import index_shard, summarize_index
-from dedup_assets.ingest.shards import discover_shards, find_shard
+from dedup_assets.ingest.index import index_shard, skipped_frame, summarize_index
+from dedup_assets.ingest.shards import RejectedShard, Skipped, discover_shards, escape, find_shard
+from dedup_assets.warehouse import Warehouse
 
 GROUP = "ingest"
 
@@ -52,22 +54,33 @@ def image_index(
     rejected: dict[str, int] = {}
     frames = []
     # A backfill may hand this run several shards (BackfillPolicy below); each is its own transaction.
+    skipped_by_reason: dict[str, int] = {}
     for shard_name in context.partition_keys:
-        shard = find_shard(dataset.root, shard_name)
+        shard = find_shard(dataset.root, shard_name, dataset.follow_links)
         t0 = time.perf_counter()
 
         def progress(n: int, elapsed: float, name: str = shard.name) -> None:
             context.log.info(f"[{name}] indexed {n} files ({n / max(elapsed, 1e-9):.1f} files/s)")
 
-        df = index_shard(shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress)
+        skipped: list[Skipped] = []
+        df = index_shard(
+            shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress,
+            read_limits=dataset.read_limits, skipped=skipped,
+        )
         wh.replace_partition("image_index", df, "shard", shard.name)
+        wh.replace_partition("skipped_entries", skipped_frame(shard.name, skipped), "shard", shard.name)
         summary = summarize_index(df)
+        skip_counts = _counts(s.reason for s in skipped)
+        for reason, n in skip_counts.items():
+            skipped_by_reason[reason] = skipped_by_reason.get(reason, 0) + n
         for reason, n in summary.get("rejected_by_reason", {}).items():
             rejected[reason] = rejected.get(reason, 0) + int(n)
         per_shard[shard.name] = {"rows": df.height, "ok": int(summary.get("ok", 0)), "kind": shard.kind,
-                                 "bytes": int(summary.get("total_bytes", 0))}
+                                 "bytes": int(summary.get("total_bytes", 0)), "skipped": len(skipped)}
         context.log.info(
-            f"[{shard.name}] {df.height} rows ({per_shard[shard.name]['ok']} ok) in {time.perf_counter() - t0:.2f}s"
+            f"[{shard.name}] {df.height} rows ({per_shard[shard.name]['ok']} ok, "
+            f"{df.height - per_shard[shard.name]['ok']} with a reason: {_fmt_counts(summary.get('rejected_by_reason', {}))}); "
+            f"{len(skipped)} entries skipped ({_fmt_counts(skip_counts)}) in {time.perf_counter() - t0:.2f}s"
         )
         frames.append(df)
     seconds = time.perf_counter() - started
@@ -79,6 +92,8 @@ def image_index(
             "ok": sum(v["ok"] for v in per_shard.values()),
             "rejected": sum(rejected.values()),
             "rejected_by_reason": counts_md(rejected),
+            "skipped_entries": sum(skipped_by_reason.values()),
+            "skipped_by_reason": counts_md(skipped_by_reason),
             "bytes": sum(v["bytes"] for v in per_shard.values()),
             "seconds": round(seconds, 3),
             "files_per_second": round(rows / max(seconds, 1e-9), 1),
@@ -101,6 +116,32 @@ def image_index_ids_unique(context, warehouse: WarehouseResource) -> AssetCheckR
     )
 
 
+def _counts(reasons) -> dict[str, int]:  # noqa: ANN001
+    out: dict[str, int] = {}
+    for r in reasons:
+        out[r] = out.get(r, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+ROOT_PARTITION = ""  # skipped_entries rows for entries directly under the dataset root
+
+
+def record_root_skips(wh: Warehouse, root, rejected: list[RejectedShard]) -> str:  # noqa: ANN001
+    """Write the root's non-shard entries to `skipped_entries` (shard '') and return a one-line
+    summary with counts by reason and a few examples."""
+    items = [Skipped(escape(os.fsencode(r.path.name)), r.code, r.reason.split(": ", 1)[-1]) for r in rejected]
+    wh.replace_partition("skipped_entries", skipped_frame(ROOT_PARTITION, items), "shard", ROOT_PARTITION)
+    if not items:
+        return f"every entry under {root} is a shard"
+    examples = ", ".join(f"{s.entry} ({s.reason})" for s in items[:3])
+    return (f"{len(items)} entries under {root} are not shards ({_fmt_counts(_counts(s.reason for s in items))}), "
+            f"e.g. {examples}; all listed in skipped_entries (shard '')")
+
+
 # ------------------------------------------------------------------------------------- discovery
 PER_SHARD_ASSETS = AssetSelection.assets("image_index", "prefilter", "embeddings")
 shard_job = define_asset_job(
@@ -115,10 +156,10 @@ def new_shards(dataset: DatasetResource, known: set[str]) -> tuple[list[str], li
     """Shard names on disk not in `known`, and the rejected shard paths with their reasons."""
     if not dataset.root.exists():
         return [], [f"{dataset.root}: dataset root does not exist"]
-    shards, rejected = discover_shards(dataset.root)
+    shards, rejected = discover_shards(dataset.root, dataset.follow_links)
     return (
         [s.name for s in shards if s.name not in known],
-        [f"{r.path}: {r.reason}" for r in rejected],
+        [f"{escape(os.fsencode(r.path))}: {r.reason}" for r in rejected if r.code != "not_a_shard"],
     )
 
 
@@ -144,12 +185,16 @@ def shard_sensor(context: SensorEvaluationContext, dataset: DatasetResource) -> 
     )
 
 
-@op(description="Registers every valid shard under the dataset root as a partition.")
-def register_shards(context: OpExecutionContext, dataset: DatasetResource) -> list[str]:
+@op(description="Registers every valid shard under the dataset root as a partition; records the rest.")
+def register_shards(
+    context: OpExecutionContext, dataset: DatasetResource, warehouse: WarehouseResource
+) -> list[str]:
     registered = set(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
     fresh, rejected = new_shards(dataset, registered)
     for line in rejected:
         context.log.warning(f"skipping shard {line}")
+    if dataset.root.exists():
+        context.log.info(record_root_skips(warehouse.get(), dataset.root, discover_shards(dataset.root, dataset.follow_links)[1]))
     if fresh:
         context.instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, fresh)
     context.log.info(f"registered {len(fresh)} new shard(s): {fresh[:20]}")

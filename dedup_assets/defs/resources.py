@@ -9,6 +9,7 @@ from pydantic import Field, PrivateAttr
 
 from dedup_assets.embed.base import Embedder
 from dedup_assets.ingest.decode import DecodeLimits
+from dedup_assets.ingest.shards import ReadLimits
 from dedup_assets.settings import Settings
 from dedup_assets.warehouse import Warehouse
 
@@ -45,6 +46,18 @@ class DatasetResource(ConfigurableResource):
         default=8, description="Images with a side below this are recorded as too_small."
     )
     index_workers: int = Field(default=2, description="Decode worker processes for the index.")
+    max_file_bytes: int = Field(
+        default=ReadLimits.max_file_bytes,
+        description="Image files above this size are recorded as too_large_file and never read.",
+    )
+    max_caption_bytes: int = Field(
+        default=ReadLimits.max_caption_bytes,
+        description="Captions are cut to this many bytes (noted in the row's error); the rest never reaches a model.",
+    )
+    follow_links: Literal["inside_root", "never"] = Field(
+        default="inside_root",
+        description="Symbolic links whose target lies inside the dataset root: read them ('inside_root') or not ('never'). Links out of the root are never read.",
+    )
 
     @property
     def root(self) -> Path:
@@ -53,6 +66,14 @@ class DatasetResource(ConfigurableResource):
     @property
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_decodable_side)
+
+    @property
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(
+            max_file_bytes=self.max_file_bytes,
+            max_caption_bytes=self.max_caption_bytes,
+            follow_links=self.follow_links,
+        )
 
 
 class EmbedderResource(ConfigurableResource):

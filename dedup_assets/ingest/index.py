@@ -7,7 +7,8 @@ rule in `dedup_assets.ingest.shards`). No Dagster here.
 
 Columns (`INDEX_SCHEMA`, in this order): caption from `<key>.txt`, else the JSON sidecar's
 "caption"; url from the JSON "url"; metadata = the JSON sidecar re-serialized (sorted keys) or
-null; bytes and sha256 of the file; format/width/height/mode/status/error from `probe` (width and
+null; bytes and sha256 of the file (sha256 null when the file was not read: a link out of the
+root, a FIFO, a file above the size cap, ...); format/width/height/mode/status/error from `probe` (width and
 height after EXIF orientation, mode as stored). status is "ok" or a reason (see
 `dedup_assets.ingest.decode`, plus "unreadable" for a file that could not be read); a sidecar
 problem never changes status and is appended to error as "sidecar: ...".
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import polars as pl
 
 from dedup_assets.ingest.decode import DecodeLimits, ProbeResult, probe
-from dedup_assets.ingest.shards import Record, Shard, iter_shard
+from dedup_assets.ingest.shards import ReadLimits, Record, Shard, Skipped, iter_shard
 
 INDEX_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String,
@@ -79,7 +80,7 @@ def _row(shard: Shard, rec: Record, res: ProbeResult | None) -> dict[str, Any]:
         "url": url if isinstance(url, str) else None,
         "metadata": _metadata_json(rec.meta),
         "bytes": len(rec.data),
-        "sha256": hashlib.sha256(rec.data).hexdigest(),
+        "sha256": hashlib.sha256(rec.data).hexdigest() if rec.read_status is None else None,
         "format": res.format,
         "width": res.width,
         "height": res.height,
@@ -151,13 +152,15 @@ def index_shard(
     workers: int = 1,
     progress: Callable[[int, float], None] | None = None,
     progress_every: int = 500,
+    read_limits: ReadLimits = ReadLimits(),
+    skipped: list[Skipped] | None = None,
 ) -> pl.DataFrame:
     """Read, hash and probe every image file of a shard; one row per file, schema `INDEX_SCHEMA`.
 
     Files are streamed (a tar is read once); with workers > 1 decoding runs in that many spawned
     processes (bytes in, ProbeResult out) over windows of files, so memory stays bounded by the
     window. `progress(n_done, elapsed_s)` is called about every `progress_every` files and once
-    at the end.
+    at the end. Entries that give no row are appended to `skipped` (see `skipped_frame`).
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: give 1 (decode in this process) or more worker processes")
@@ -171,7 +174,7 @@ def index_shard(
     prober = _Prober(workers, limits)
     next_report = progress_every
     try:
-        for recs in _windows(iter_shard(shard), window):
+        for recs in _windows(iter_shard(shard, read_limits, skipped), window):
             readable = [r for r in recs if r.read_status is None]
             results = iter(prober.run([r.data for r in readable]))
             rows.extend(_row(shard, r, next(results) if r.read_status is None else None) for r in recs)
@@ -183,6 +186,20 @@ def index_shard(
     if progress is not None:
         progress(len(rows), time.perf_counter() - started)
     return pl.DataFrame(rows, schema=INDEX_SCHEMA).sort("image_id")
+
+
+SKIPPED_SCHEMA: dict[str, pl.DataType] = {
+    "shard": pl.String,
+    "entry": pl.String,
+    "reason": pl.String,
+    "detail": pl.String,
+}
+
+
+def skipped_frame(shard: str, skipped: Iterable[Skipped]) -> pl.DataFrame:
+    """One row per entry of a shard that gives no index row (grain: one file or tar member)."""
+    rows = [{"shard": shard, "entry": s.entry, "reason": s.reason, "detail": s.detail} for s in skipped]
+    return pl.DataFrame(rows, schema=SKIPPED_SCHEMA).sort("entry", "reason")
 
 
 def summarize_index(df: pl.DataFrame) -> dict[str, Any]:

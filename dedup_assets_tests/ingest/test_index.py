@@ -117,7 +117,7 @@ def test_limits_reach_the_probe_and_read_failures_become_rows(tmp_path: Path) ->
     os.symlink(tmp_path / "nowhere.jpg", shard_dir / "gone.jpg")
     df = index_shard(find_shard(tmp_path, "s"), limits=DecodeLimits(min_side=45))
     status = dict(zip(df["key"], df["status"]))
-    assert status == {"a": "ok", "b": "too_small", "gone": "unreadable"}  # a is 64x48, b 40x30
+    assert status == {"a": "ok", "b": "too_small", "gone": "broken_link"}  # a is 64x48, b 40x30
 
 
 def test_an_empty_shard_gives_an_empty_frame_and_bad_arguments_are_refused(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from dedup_assets.ingest.shards import (
     INVALID_KEY_SUBSTRINGS,
+    Location,
     Record,
     Shard,
     discover_shards,
@@ -18,6 +19,7 @@ from dedup_assets.ingest.shards import (
     find_shard,
     folder_location,
     iter_shard,
+    parse_location,
     read_location,
     split_location,
     tar_location,
@@ -65,9 +67,11 @@ def test_escape_is_printable_utf8_and_exactly_invertible() -> None:
 def test_locations_split_at_the_first_separator_even_with_colons_in_paths() -> None:
     loc = folder_location(b"/data/odd::name:/k:.jpg")
     assert "::" not in loc and split_location(loc) == (b"/data/odd::name:/k:.jpg", None)
-    loc = tar_location(b"/data/t::u:.tar", "m::n.jpg")
-    assert loc == "/data/t%3A%3Au:.tar::m::n.jpg"
+    loc = tar_location(b"/data/t::u:.tar", "m::n.jpg", 512)
+    assert loc == "/data/t%3A%3Au:.tar::512/m::n.jpg"
     assert split_location(loc) == (b"/data/t::u:.tar", b"m::n.jpg")
+    assert parse_location(loc) == Location(b"/data/t::u:.tar", b"m::n.jpg", 512)
+    assert parse_location(tar_location(b"/t.tar", "0001/x.jpg", 0)).member == b"0001/x.jpg"
     assert folder_location(b"/data/a:b/c.jpg") == "/data/a:b/c.jpg"  # single colons stay readable
 
 
@@ -91,20 +95,23 @@ def test_discovery_accepts_odd_names_and_rejects_invalid_ones(tmp_path: Path) ->
     (tmp_path / "00000.parquet").write_bytes(b"img2dataset writes these")
     (tmp_path / ".hidden.tar").write_bytes(b"")
     shards, rejected = discover_shards(tmp_path)
+    # Control characters and bytes that are not UTF-8 are escaped like keys, not rejected.
     assert [(s.name, s.kind) for s in shards] == [
-        ("00000", "folder"), ("T", "tar"), ("it's shard (1)", "folder"), ("sp ace", "folder"),
-        ("t1", "tar"), ("x.tar", "folder"),
+        ("00000", "folder"), ("T", "tar"), ("it's shard (1)", "folder"), ("latin%E9", "folder"),
+        ("sp ace", "folder"), ("t1", "tar"), ("tab%09name", "folder"), ("x.tar", "folder"),
     ]
     assert all(s.path.is_absolute() for s in shards)
     assert next(s for s in shards if s.name == "T").path.name == "T.tar"
     reasons = {os.fsencode(r.path.name): r.reason for r in rejected}
     assert set(reasons) == {
-        b"a,b", b"x...y", b"p|q", b"[1]", b"tab\tname", b"latin\xe9", b"00000.tar", b"T.TAR", b"c,d.tar",
+        b"a,b", b"x...y", b"p|q", b"[1]", b"00000.tar", b"T.TAR", b"c,d.tar",
+        b".hidden", b".hidden.tar", b"00000.parquet",  # every entry is accounted for
     }
+    assert reasons[b".hidden"].startswith("hidden:") and reasons[b"00000.parquet"].startswith("not_a_shard:")
     assert "collides with folder shard" in reasons[b"00000.tar"]
     assert "collides with tar shard" in reasons[b"T.TAR"]
     assert "','" in reasons[b"a,b"] and "'...'" in reasons[b"x...y"]
-    assert "not valid UTF-8" in reasons[b"latin\xe9"] and "latin%E9" in reasons[b"latin\xe9"]
+    assert find_shard(tmp_path, "latin%E9").path == Path(os.fsdecode(os.fsencode(tmp_path) + b"/latin\xe9"))
 
 
 def test_find_shard_follows_the_same_rules(tmp_path: Path) -> None:
@@ -112,7 +119,7 @@ def test_find_shard_follows_the_same_rules(tmp_path: Path) -> None:
     _tar(tmp_path / "f.tar", [("a.jpg", JPG)])
     _tar(tmp_path / "UP.TAR", [("a.jpg", JPG)])
     assert find_shard(tmp_path, "f").kind == "folder"
-    assert find_shard(tmp_path, "UP") == Shard("UP", (tmp_path / "UP.TAR").absolute(), "tar")
+    assert find_shard(tmp_path, "UP") == Shard("UP", (tmp_path / "UP.TAR").absolute(), "tar", tmp_path.absolute())
     for bad in ["nope", "a,b", "../f", ".hidden"]:
         with pytest.raises(KeyError):
             find_shard(tmp_path, bad)
@@ -177,7 +184,7 @@ def test_an_unreadable_file_is_a_record_with_a_reason(tmp_path: Path) -> None:
     os.symlink(tmp_path / "nowhere.jpg", shard_dir / "gone.jpg")  # listed, but cannot be opened
     recs = _by_key(find_shard(tmp_path, "s"))
     assert recs["ok"].read_status is None
-    assert recs["gone"].read_status == "unreadable" and "FileNotFoundError" in recs["gone"].read_error
+    assert recs["gone"].read_status == "broken_link" and "does not exist" in recs["gone"].read_error
     assert recs["gone"].data == b""
 
 
@@ -214,7 +221,7 @@ def test_tar_member_paths_are_normalised_and_sidecars_may_come_first(tmp_path: P
     assert sorted(recs) == ["a", "abs/b", "e", "sub/c"]
     assert recs["a"].caption == "text caption" and recs["a"].meta == {"caption": "meta first"}
     assert recs["e"].caption is None
-    assert recs["a"].location.endswith("::./a.jpg") and read_location(recs["a"].location) == JPG
+    assert recs["a"].location.endswith("/./a.jpg") and read_location(recs["a"].location) == JPG
 
 
 def test_a_truncated_tar_keeps_the_complete_members_and_flags_the_cut_one(tmp_path: Path) -> None:
@@ -238,12 +245,15 @@ def test_a_gzipped_tar_is_read_as_well(tmp_path: Path) -> None:
 
 def test_read_location_sees_a_rewritten_tar_and_names_missing_members(tmp_path: Path) -> None:
     path = _tar(tmp_path / "t.tar", [("a.jpg", JPG)])
-    loc = tar_location(path, "a.jpg")
+    loc = tar_location(path, "a.jpg", 0)
     assert read_location(loc) == JPG
     _tar(path, [("x.jpg", b"x"), ("a.jpg", WEBP)])  # same path, new content and offsets
-    assert read_location(loc) == WEBP
+    with pytest.raises(KeyError, match="no member"):  # a location names one member: re-index
+        read_location(loc)
+    (rec,) = [r for r in iter_shard(Shard("t", path, "tar")) if r.key == "a"]
+    assert read_location(rec.location) == WEBP
     with pytest.raises(KeyError, match="no member"):
-        read_location(tar_location(path, "missing.jpg"))
+        read_location(tar_location(path, "missing.jpg", 0))
 
 
 # ------------------------------------------------------------------------------ non-UTF-8 names
