@@ -2,14 +2,17 @@
 
     dedup-assets run --source DIR [--warehouse FILE] [--generated DIR]
                      [--embedder offline|openclip] [--model NAME] [--pretrained TAG|PATH]
-                     [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR] [--refit]
+                     [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR] [--refit] [--force]
     dedup-assets sample --out DIR [--generated-out DIR]
     dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
 
 `run` registers every shard under --source as a dynamic partition, materializes the per-shard
 assets one shard at a time and then the corpus assets, all through Dagster (the runs show in the
 UI when it uses the same DAGSTER_HOME), prints progress and a summary, and exits non-zero with a
-clear message on failure.
+clear message on failure. A re-run resumes: a shard whose files did not change since its last
+successful per-shard run (same fingerprint and settings, table `shard_state`) is skipped; `--force`
+redoes it. Runs left behind by a killed `dedup-assets` process are marked failed and their pool
+slots freed before anything starts (`dedup_assets.instance`).
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ def _dagster_home(explicit: str | None, warehouse: Path) -> Path:
     else:
         home = warehouse.parent / "dagster_home"
     home = home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DEFAULT_DAGSTER_YAML)
+    from dedup_assets.instance import instance_lock
+
+    with instance_lock(home):  # two processes starting on a new home write it once
+        if not (home / "dagster.yaml").exists():
+            (home / "dagster.yaml").write_text(DEFAULT_DAGSTER_YAML)
     return home
 
 
@@ -86,21 +91,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.update(settings.to_env())
 
-    from dagster import DagsterInstance, materialize
+    from dagster import materialize
 
     from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, CORPUS_ASSETS, PER_SHARD_ASSETS, build_resources
+    from dedup_assets.defs.ingest import record_root_skips
     from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
-    from dedup_assets.ingest.shards import discover_shards
+    from dedup_assets.ingest.shards import discover_shards, escape, shard_fingerprint
+    from dedup_assets.instance import PROCESS_TAG, ShardState, open_instance, process_tag, recover_stale_runs
     from dedup_assets.warehouse import Warehouse
 
     shards, rejected = discover_shards(source)
     for r in rejected:
-        _print(f"skipping shard {r.path}: {r.reason}")
+        if r.code not in ("hidden", "not_a_shard"):
+            _print(f"skipping {escape(os.fsencode(r.path))}: {r.reason}")
     if not shards:
         _print(f"error: no shards under {source} (expected <shard>/ folders or <shard>.tar files)")
         return 2
 
-    instance = DagsterInstance.get()
+    instance = open_instance(home)
+    recovered = recover_stale_runs(instance)
+    if recovered:
+        _print(
+            f"recovered {len(recovered)} run(s) left by a dedup-assets process that is gone "
+            f"({', '.join(r[:8] for r in recovered)}): marked failed, their pool slots freed"
+        )
     known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
     new = [s.name for s in shards if s.name not in known]
     if new:
@@ -123,12 +137,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One command re-embeds every shard, so vectors of a previous embedder are replaced, not mixed.
     resources["embedder"] = resources["embedder"].model_copy(update={"on_model_change": "reset"})
     wh = Warehouse(settings.warehouse)
+    _print(record_root_skips(wh, source, rejected))
+    tags = {"dedup-assets/cli": "run", PROCESS_TAG: process_tag()}
+    state = ShardState(wh)
+    recorded = {} if getattr(args, "force", False) else state.recorded()
+    config = _per_shard_config(resources)
     failures: list[str] = []
     shard_check_failures: list[str] = []
     started = time.perf_counter()
     total_images = 0
+    resumed = 0
     for n, shard in enumerate(shards, 1):
         t0 = time.perf_counter()
+        fingerprint = shard_fingerprint(shard)
+        if recorded.get(shard.name) == (fingerprint, config):
+            resumed += 1
+            _print(f"[{n}/{len(shards)}] shard {shard.name}: unchanged since its last successful run, skipped (--force redoes it)")
+            continue
+        state.forget(shard.name)
         result = materialize(
             ALL_ASSETS + ALL_CHECKS,
             selection=PER_SHARD_ASSETS,
@@ -137,9 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             resources=resources,
             instance=instance,
             raise_on_error=False,
-            tags={"dedup-assets/cli": "run"},
+            tags=tags,
         )
         dt = time.perf_counter() - t0
+        if result.success:
+            state.record(shard.name, fingerprint, config, result.run_id)
         rows = wh.query("SELECT count(*) AS n FROM image_index WHERE shard = $s", {"s": shard.name})["n"][0] \
             if wh.table_exists("image_index") else 0
         total_images += int(rows)
@@ -153,7 +181,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, passed in _check_results(result):
             if not passed:
                 shard_check_failures.append(f"{name} (shard {shard.name})")
-    _print(f"per-shard stage: {total_images} files in {time.perf_counter() - started:.1f}s")
+    _print(
+        f"per-shard stage: {total_images} files in {time.perf_counter() - started:.1f}s"
+        + (f"; {resumed} unchanged shard(s) skipped" if resumed else "")
+    )
 
     t0 = time.perf_counter()
     result = materialize(
@@ -166,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resources=resources,
         instance=instance,
         raise_on_error=False,
-        tags={"dedup-assets/cli": "run"},
+        tags=tags,
     )
     _print(f"corpus stage: {'ok' if result.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s  run {result.run_id[:8]}")
     if not result.success:
@@ -180,6 +211,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"Query:        duckdb {settings.warehouse} \"SELECT * FROM filtered_dataset LIMIT 5\""
     )
     return 0
+
+
+def _per_shard_config(resources: dict) -> str:
+    """Digest of the settings that change what the per-shard assets write (resume key)."""
+    from dedup_assets.instance import config_digest
+
+    return config_digest({
+        "dataset": resources["dataset"].model_dump(exclude={"generated"}),
+        "prefilters": resources["prefilters"].model_dump(),
+        "embedder": resources["embedder"].model_dump(exclude={"on_model_change"}),
+    })
 
 
 def _failed_steps(result) -> list[str]:  # noqa: ANN001
@@ -257,6 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         min_side=args.min_side,
         dagster_home=args.dagster_home,
         refit=False,
+        force=False,
     )
     _print(f"(demo uses min side {args.min_side} px instead of the Conceptual Captions 400 px: the sample images are small)")
     return cmd_run(ns)
@@ -280,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     r.add_argument("--min-side", type=int, default=400, help="pre-filter minimum side in px (default 400)")
     r.add_argument("--dagster-home", default=None)
+    r.add_argument("--force", action="store_true",
+                   help="redo every shard, also those unchanged since their last successful run")
     r.add_argument("--refit", action="store_true",
                    help="refit the k-means clusterings instead of assigning new images to the stored centroids")
     r.set_defaults(func=cmd_run)

@@ -183,7 +183,12 @@ class Warehouse:
                     con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM __incoming")
                 con.execute("COMMIT")
             except Exception:
-                con.execute("ROLLBACK")
+                # Report the first error (e.g. "No space left on device"), not the rollback's:
+                # after an IO error DuckDB has often aborted the transaction already.
+                try:
+                    con.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001
+                    pass
                 raise
             finally:
                 con.unregister("__incoming")

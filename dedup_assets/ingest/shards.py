@@ -56,6 +56,7 @@ plain file. `parse_location` / `split_location` do this split for other modules.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -884,6 +885,36 @@ def iter_shard(
     if shard.kind == "tar":
         return _iter_tar(shard, limits, sink)
     return _iter_folder(shard, limits, sink)
+
+
+def shard_fingerprint(shard: Shard) -> str:
+    """A digest of what a shard holds, from metadata only (no file is read): for a tar its size,
+    mtime and inode; for a folder every entry's relative name, type, size, mtime and inode (a
+    link: its target text and the target's size and mtime). Equal fingerprints mean the files
+    did not change (a change inside a folder reached through a link is not seen: use --force).
+    """
+    h = hashlib.sha256()
+
+    def add(rel: bytes, st: os.stat_result) -> None:
+        h.update(b"%s\0%o %d %d %d\n" % (rel, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino))
+
+    top = os.fsencode(shard.path)
+    add(b"", os.stat(top))
+    if shard.kind == "folder":
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(dirnames + filenames):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, top)
+                try:
+                    st = os.lstat(full)
+                    add(rel, st)
+                    if stat.S_ISLNK(st.st_mode):
+                        h.update(os.readlink(full) + b"\n")
+                        add(rel + b"->", os.stat(full))
+                except OSError:
+                    h.update(rel + b"\0gone\n")
+    return h.hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------ random access
