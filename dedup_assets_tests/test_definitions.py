@@ -10,8 +10,9 @@ from dagster import DagsterInstance, Definitions, build_schedule_context, build_
 from dedup_assets.definitions import build_definitions
 from dedup_assets.defs.ingest import discover_shards_job, shard_sensor
 from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
-from dedup_assets.defs.resources import DatasetResource
+from dedup_assets.defs.resources import DatasetResource, WarehouseResource
 from dedup_assets.settings import Settings
+from dedup_assets.warehouse import Warehouse
 
 EXPECTED_ASSETS = {
     "image_index",
@@ -84,8 +85,15 @@ def test_discovery_schedule_runs_the_job_that_registers_shards(tmp_path: Path, i
     requests = schedule.evaluate_tick(build_schedule_context(instance=instance)).run_requests
     assert len(requests) == 1 and requests[0].job_name in (None, "discover_shards_job")
 
+    (root / "stats.parquet").write_bytes(b"not a shard")
+    wh = tmp_path / "w.duckdb"
     result = discover_shards_job.execute_in_process(
-        instance=instance, resources={"dataset": DatasetResource(source=str(root))}
+        instance=instance,
+        resources={"dataset": DatasetResource(source=str(root)), "warehouse": WarehouseResource(path=str(wh))},
     )
     assert result.success
     assert sorted(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)) == ["a", "b"]
+    # The entries that are not shards are recorded, not dropped silently.
+    assert Warehouse(wh).query("SELECT shard, entry, reason FROM skipped_entries").rows() == [
+        ("", "stats.parquet", "not_a_shard")
+    ]
