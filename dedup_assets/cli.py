@@ -172,9 +172,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             if wh.table_exists("image_index") else 0
         total_images += int(rows)
         status = "ok" if result.success else "FAILED"
+        skipped = wh.query("SELECT count(*) AS n FROM skipped_entries WHERE shard = $s", {"s": shard.name})["n"][0] \
+            if wh.table_exists("skipped_entries") else 0
         _print(
-            f"[{n}/{len(shards)}] shard {shard.name}: {rows} files in {dt:.1f}s "
-            f"({rows / max(dt, 1e-9):.1f} images/s) {status}  run {result.run_id[:8]}"
+            f"[{n}/{len(shards)}] shard {shard.name}: {rows} files"
+            + (f" (+{skipped} entries skipped, see skipped_entries)" if skipped else "")
+            + f" in {dt:.1f}s ({rows / max(dt, 1e-9):.1f} images/s) {status}  run {result.run_id[:8]}"
         )
         if not result.success:
             failures.extend(_failed_steps(result))
