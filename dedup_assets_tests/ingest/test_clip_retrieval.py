@@ -170,3 +170,38 @@ def test_sensor_adds_one_partition_per_file_pair(tmp_path: Path, instance: Dagst
     result = shard_sensor(ctx)
     assert [r.partition_key for r in result.run_requests] == ["emb_0", "emb_2", "emb_10"]
     assert result.dynamic_partitions_requests[0].partition_keys == ["emb_0", "emb_2", "emb_10"]
+
+
+def test_another_model_id_is_refused_not_mixed(tmp_path: Path, instance: DagsterInstance) -> None:
+    root = tmp_path / "emb"
+    for i in (0, 1):
+        write_clip_pair(root, i, _vectors(4, i), laion_metadata(4, i))
+    settings = _settings(root, tmp_path)
+    assert _run(settings, instance, ["emb_0"])[0].success
+    other = Settings(**{**settings.__dict__, "model_id": "clip-other"})
+    (result,) = _run(other, instance, ["emb_1"])
+    assert not result.success and any("cannot be compared" in m for m in _errors(result))
+    assert embedding_store(Warehouse(settings.warehouse)).partition_models() == {"emb_0": "external"}
+
+
+def test_legacy_embeddings_table_is_migrated_by_the_asset(tmp_path: Path, instance: DagsterInstance) -> None:
+    """A warehouse written before the store (FLOAT[d] table) is migrated when `embeddings` runs."""
+    root = tmp_path / "emb"
+    write_clip_pair(root, 0, _vectors(6, 0), laion_metadata(6, 0))
+    settings = _settings(root, tmp_path)
+    wh = Warehouse(settings.warehouse)
+    old = _vectors(3, 9)
+    wh.replace_partition("embeddings", pl.DataFrame(
+        {"image_id": ["emb_9/a", "emb_9/b", "emb_9/c"], "shard": ["emb_9"] * 3, "embedding": old,
+         "model": ["external"] * 3},
+        schema={"image_id": pl.String, "shard": pl.String, "embedding": pl.Array(pl.Float32, D), "model": pl.String},
+    ), "shard", "emb_9")
+    (result,) = _run(settings, instance, ["emb_0"])
+    assert result.success, _errors(result)
+    store = embedding_store(wh)
+    assert store.counts() == {"emb_0": 6, "emb_9": 3}
+    np.testing.assert_array_equal(store.read_partition("emb_9")[1], old)
+    kind = wh.query("SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'")
+    assert kind["table_type"].to_list() == ["VIEW"]
+    assert wh.query("SELECT shard, count(*) AS n FROM embeddings GROUP BY shard ORDER BY shard").rows() == [
+        ("emb_0", 6), ("emb_9", 3)]
