@@ -3,6 +3,8 @@
     dedup-assets run --source DIR [--warehouse FILE] [--generated DIR]
                      [--embedder offline|openclip] [--model NAME] [--pretrained TAG|PATH]
                      [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR] [--refit] [--force]
+                     [--threshold T]
+    dedup-assets run --embeddings DIR --threshold T [--model-id NAME] [--generated-embeddings DIR] …
     dedup-assets sample --out DIR [--generated-out DIR]
     dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
 
@@ -63,11 +65,35 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from dedup_assets.settings import Settings
+def _external_partitions(args: argparse.Namespace) -> list[str] | str:
+    """Partition keys of --embeddings DIR (and a check of --generated-embeddings), or an error line."""
+    from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, validate_parts
 
-    source = Path(args.source)
+    try:
+        parts = discover_parts(args.embeddings)
+        dim = validate_parts(parts)
+        if getattr(args, "generated_embeddings", None):
+            gen_dim = validate_parts(discover_parts(args.generated_embeddings))
+            if gen_dim != dim:
+                return (f"--generated-embeddings {args.generated_embeddings} holds {gen_dim}-d vectors but "
+                        f"--embeddings {args.embeddings} holds {dim}-d: they must come from one model")
+    except EmbeddingsInputError as e:
+        return str(e)
+    return [p.partition for p in parts]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dedup_assets.settings import OPTIONAL_ENV, Settings
+
+    external = bool(getattr(args, "embeddings", None))  # bring-your-own embeddings instead of shards
+    if not external and not args.source:
+        _print("error: give --source DIR (shards of images) or --embeddings DIR (clip-retrieval vectors)")
+        return 2
+    source = Path(args.embeddings if external else args.source)
     if not source.is_dir():
+        if external:
+            _print(f"error: --embeddings {source} is not a directory (it must hold img_emb/ and metadata/)")
+            return 2
         _print(f"error: --source {source} is not a directory (it must hold one folder or .tar per shard)")
         return 2
     if args.generated and not Path(args.generated).is_dir():
@@ -83,12 +109,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             pretrained=args.pretrained,
             device=args.device,
             min_side=args.min_side,
+            embeddings=str(source.resolve()) if external else None,
+            model_id=getattr(args, "model_id", None) or "external",
+            threshold=getattr(args, "threshold", None),
+            generated_embeddings=str(Path(args.generated_embeddings).resolve())
+            if getattr(args, "generated_embeddings", None) else None,
         )
     except ValueError as e:
         _print(f"error: {e}")
         return 2
     home = _dagster_home(args.dagster_home, Path(settings.warehouse))
     os.environ["DAGSTER_HOME"] = str(home)
+    for name in OPTIONAL_ENV:  # a setting this run leaves unset must not leak in from the environment
+        os.environ.pop(name, None)
     os.environ.update(settings.to_env())
 
     from dagster import materialize
@@ -96,17 +129,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, CORPUS_ASSETS, PER_SHARD_ASSETS, build_resources
     from dedup_assets.defs.ingest import record_root_skips
     from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
-    from dedup_assets.ingest.shards import discover_shards, escape, shard_fingerprint
+    from dedup_assets.ingest.shards import discover_shards, escape
     from dedup_assets.instance import PROCESS_TAG, ShardState, open_instance, process_tag, recover_stale_runs
     from dedup_assets.warehouse import Warehouse
 
-    shards, rejected = discover_shards(source)
-    for r in rejected:
-        if r.code not in ("hidden", "not_a_shard"):
-            _print(f"skipping {escape(os.fsencode(r.path))}: {r.reason}")
-    if not shards:
-        _print(f"error: no shards under {source} (expected <shard>/ folders or <shard>.tar files)")
-        return 2
+    rejected = []
+
+    if external:
+        found = _external_partitions(args)
+        if isinstance(found, str):
+            _print(f"error: {found}")
+            return 2
+        keys = found
+    else:
+        shards, rejected = discover_shards(source)
+        for r in rejected:
+            if r.code not in ("hidden", "not_a_shard"):
+                _print(f"skipping {escape(os.fsencode(r.path))}: {r.reason}")
+        if not shards:
+            _print(f"error: no shards under {source} (expected <shard>/ folders or <shard>.tar files)")
+            return 2
+        keys = [s.name for s in shards]
+    by_key = {} if external else {s.name: s for s in shards}
 
     instance = open_instance(home)
     recovered = recover_stale_runs(instance)
@@ -116,15 +160,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"({', '.join(r[:8] for r in recovered)}): marked failed, their pool slots freed"
         )
     known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
-    new = [s.name for s in shards if s.name not in known]
+    new = [k for k in keys if k not in known]
     if new:
         instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
     _print(
-        f"dedup-assets: {len(shards)} shard(s) under {source} ({len(new)} newly registered); "
-        f"warehouse {settings.warehouse}; embedder {settings.embedder}; DAGSTER_HOME {home}"
+        f"dedup-assets: {len(keys)} {'file pair(s)' if external else 'shard(s)'} under {source} "
+        f"({len(new)} newly registered); warehouse {settings.warehouse}; "
+        f"embedder {'external: ' + settings.model_id if external else settings.embedder}; DAGSTER_HOME {home}"
     )
 
     resources = build_resources(settings)
+    if external:  # τ must be known before any work: external vectors have no calibrated value
+        from dedup_assets.tables import resolve_threshold
+
+        try:
+            resolve_threshold(None, resources["embedder"])
+        except ValueError as e:
+            _print(f"error: {e}")
+            return 2
     if settings.embedder == "openclip":
         # Fail before any run starts when the weights cannot be had (no silent fallback).
         from dedup_assets.embed.openclip import ModelUnavailableError
@@ -137,7 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One command re-embeds every shard, so vectors of a previous embedder are replaced, not mixed.
     resources["embedder"] = resources["embedder"].model_copy(update={"on_model_change": "reset"})
     wh = Warehouse(settings.warehouse)
-    _print(record_root_skips(wh, source, rejected))
+    if not external:
+        _print(record_root_skips(wh, source, rejected))
     tags = {"dedup-assets/cli": "run", PROCESS_TAG: process_tag()}
     state = ShardState(wh)
     recorded = {} if getattr(args, "force", False) else state.recorded()
@@ -147,18 +201,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     total_images = 0
     resumed = 0
-    for n, shard in enumerate(shards, 1):
+    kind = "partition" if external else "shard"
+    for n, key in enumerate(keys, 1):
         t0 = time.perf_counter()
-        fingerprint = shard_fingerprint(shard)
-        if recorded.get(shard.name) == (fingerprint, config):
+        fingerprint = _fingerprint(source, key, by_key.get(key))
+        if recorded.get(key) == (fingerprint, config):
             resumed += 1
-            _print(f"[{n}/{len(shards)}] shard {shard.name}: unchanged since its last successful run, skipped (--force redoes it)")
+            _print(f"[{n}/{len(keys)}] {kind} {key}: unchanged since its last successful run, skipped (--force redoes it)")
             continue
-        state.forget(shard.name)
+        state.forget(key)
         result = materialize(
             ALL_ASSETS + ALL_CHECKS,
             selection=PER_SHARD_ASSETS,
-            partition_key=shard.name,
+            partition_key=key,
             run_config={"loggers": QUIET},
             resources=resources,
             instance=instance,
@@ -167,15 +222,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         dt = time.perf_counter() - t0
         if result.success:
-            state.record(shard.name, fingerprint, config, result.run_id)
-        rows = wh.query("SELECT count(*) AS n FROM image_index WHERE shard = $s", {"s": shard.name})["n"][0] \
+            state.record(key, fingerprint, config, result.run_id)
+        rows = wh.query("SELECT count(*) AS n FROM image_index WHERE shard = $s", {"s": key})["n"][0] \
             if wh.table_exists("image_index") else 0
         total_images += int(rows)
         status = "ok" if result.success else "FAILED"
-        skipped = wh.query("SELECT count(*) AS n FROM skipped_entries WHERE shard = $s", {"s": shard.name})["n"][0] \
+        skipped = wh.query("SELECT count(*) AS n FROM skipped_entries WHERE shard = $s", {"s": key})["n"][0] \
             if wh.table_exists("skipped_entries") else 0
         _print(
-            f"[{n}/{len(shards)}] shard {shard.name}: {rows} files"
+            f"[{n}/{len(keys)}] {kind} {key}: {rows} {'rows' if external else 'files'}"
             + (f" (+{skipped} entries skipped, see skipped_entries)" if skipped else "")
             + f" in {dt:.1f}s ({rows / max(dt, 1e-9):.1f} images/s) {status}  run {result.run_id[:8]}"
         )
@@ -183,10 +238,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             failures.extend(_failed_steps(result))
         for name, passed in _check_results(result):
             if not passed:
-                shard_check_failures.append(f"{name} (shard {shard.name})")
+                shard_check_failures.append(f"{name} (shard {key})")
     _print(
         f"per-shard stage: {total_images} files in {time.perf_counter() - started:.1f}s"
-        + (f"; {resumed} unchanged shard(s) skipped" if resumed else "")
+        + (f"; {resumed} unchanged {kind}(s) skipped" if resumed else "")
     )
 
     t0 = time.perf_counter()
@@ -216,12 +271,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fingerprint(source: Path, key: str, shard) -> str:  # noqa: ANN001 - Shard | None
+    """The resume fingerprint of a shard, or of an external partition's npy + parquet pair."""
+    from dedup_assets.ingest.shards import shard_fingerprint
+
+    if shard is not None:
+        return shard_fingerprint(shard)
+    from dedup_assets.ingest.clip_retrieval import find_part
+    from dedup_assets.instance import config_digest
+
+    part = find_part(source, key)
+    return config_digest({str(p): (st.st_size, st.st_mtime_ns, st.st_ino)
+                          for p in (part.npy, part.metadata) for st in [os.stat(p)]})
+
+
 def _per_shard_config(resources: dict) -> str:
     """Digest of the settings that change what the per-shard assets write (resume key)."""
     from dedup_assets.instance import config_digest
 
     return config_digest({
-        "dataset": resources["dataset"].model_dump(exclude={"generated"}),
+        "dataset": resources["dataset"].model_dump(exclude={"generated", "generated_embeddings"}),
         "prefilters": resources["prefilters"].model_dump(),
         "embedder": resources["embedder"].model_dump(exclude={"on_model_change"}),
     })
@@ -315,8 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="index, filter, embed, dedup, reweight and audit a dataset")
-    r.add_argument("--source", default=os.environ.get(ENV_SOURCE), required=not os.environ.get(ENV_SOURCE),
+    r.add_argument("--source", default=os.environ.get(ENV_SOURCE),
                    help=f"dataset root with one folder or .tar per shard (env {ENV_SOURCE})")
+    r.add_argument("--embeddings", default=None, metavar="DIR",
+                   help="bring your own embeddings instead of --source: clip-retrieval layout "
+                        "img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet (needs --threshold)")
+    r.add_argument("--model-id", default="external",
+                   help="model id recorded with --embeddings vectors (default 'external')")
+    r.add_argument("--threshold", type=float, default=None,
+                   help="near-copy cosine τ of dedup and audit (any embedder; required with --embeddings)")
+    r.add_argument("--generated-embeddings", default=None, metavar="DIR",
+                   help="vectors of generated images (same layout as --embeddings) to audit instead of --generated")
     r.add_argument("--warehouse", default=os.environ.get("DEDUP_ASSETS_WAREHOUSE", DEFAULT_WAREHOUSE))
     r.add_argument("--generated", default=os.environ.get("DEDUP_ASSETS_GENERATED"),
                    help="folder of model-generated images to audit")

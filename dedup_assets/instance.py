@@ -29,7 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import polars as pl
 
 PROCESS_TAG = "dedup-assets/process"
 ACTIVE_STATUSES = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
@@ -120,15 +119,6 @@ def recover_stale_runs(instance) -> list[str]:  # noqa: ANN001
 
 
 # ----------------------------------------------------------------------------------- resume
-SHARD_STATE_SCHEMA: dict[str, pl.DataType] = {
-    "shard": pl.String,
-    "fingerprint": pl.String,
-    "config": pl.String,
-    "run_id": pl.String,
-    "finished_at": pl.String,
-}
-
-
 def config_digest(config: dict[str, Any]) -> str:
     """A short digest of the settings that change what the per-shard assets write."""
     text = json.dumps(config, sort_keys=True, default=str)
@@ -136,27 +126,26 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 class ShardState:
-    """The `shard_state` table: one row per shard, written after its per-shard run succeeded."""
-
-    TABLE = "shard_state"
+    """The resume record (table `shard_state`): one row per shard, written after its per-shard
+    run succeeded."""
 
     def __init__(self, wh) -> None:  # noqa: ANN001 - a dedup_assets.warehouse.Warehouse
         self.wh = wh
 
     def recorded(self) -> dict[str, tuple[str, str]]:
-        if not self.wh.table_exists(self.TABLE):
-            return {}
-        df = self.wh.read_table(self.TABLE)
-        return {r["shard"]: (r["fingerprint"], r["config"]) for r in df.iter_rows(named=True)}
+        from dedup_assets.tables import read_shard_state
 
+        return {r["shard"]: (r["fingerprint"], r["config"]) for r in read_shard_state(self.wh).iter_rows(named=True)}
 
     def record(self, shard: str, fingerprint: str, config: str, run_id: str) -> None:
-        df = pl.DataFrame(
-            [{"shard": shard, "fingerprint": fingerprint, "config": config, "run_id": run_id,
-              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}],
-            schema=SHARD_STATE_SCHEMA,
-        )
-        self.wh.replace_partition(self.TABLE, df, "shard", shard)
+        from dedup_assets.tables import write_shard_state
+
+        write_shard_state(self.wh, {
+            "shard": shard, "fingerprint": fingerprint, "config": config, "run_id": run_id,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
 
     def forget(self, shard: str) -> None:
-        self.wh.delete_partition(self.TABLE, "shard", shard)
+        from dedup_assets.tables import delete_shard_state
+
+        delete_shard_state(self.wh, shard)

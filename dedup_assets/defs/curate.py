@@ -26,6 +26,8 @@ from dedup_assets.defs.dedup import load_vectors
 from dedup_assets.defs.metadata import counts_md, markdown_preview, png_markdown
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
+from dedup_assets.ingest.clip_retrieval import read_generated
+from dedup_assets.tables import resolve_threshold
 
 GROUP = "curate"
 
@@ -154,44 +156,55 @@ def regurgitation_audit(
     warehouse: WarehouseResource,
 ) -> MaterializeResult:
     wh = warehouse.get()
-    if not dataset.generated:
+    if not dataset.generated and not dataset.generated_embeddings:
         wh.replace_table("regurgitation_audit", pl.DataFrame(schema=AUDIT_SCHEMA))
-        context.log.warning("no generated-images folder configured (--generated / DEDUP_ASSETS_GENERATED)")
-        return MaterializeResult(
-            metadata={"dagster/row_count": 0, "note": "no generated-images folder configured"}
+        context.log.warning(
+            "no generated images or vectors configured (--generated / --generated-embeddings / DEDUP_ASSETS_GENERATED)"
         )
-    emb = embedder.get()
+        return MaterializeResult(
+            metadata={"dagster/row_count": 0, "note": "no generated images or vectors configured"}
+        )
+    model_id = embedder.recorded_model_id()
     train_ids, train_x, train_model = load_vectors(wh)
-    if train_model and train_model != emb.model_id:
+    if train_model and train_model != model_id:
         raise RuntimeError(
             f"the training set was embedded with {train_model!r} but the audit embedder is "
-            f"{emb.model_id!r}: similarities across models are meaningless. Use the same embedder "
+            f"{model_id!r}: similarities across models are meaningless. Use the same embedder "
             f"for both (or re-embed the training set)."
         )
-    gen = discover_generated(Path(dataset.generated))
     started = time.perf_counter()
-    result = embed_stream(
-        emb,
-        ((gid, path.read_bytes()) for gid, path, _ in gen),
-        batch_size=embedder.batch_size,
-        workers=0,
-    )
-    for gid, reason, err in result.failures:
-        context.log.warning(f"generated image {gid} could not be decoded ({reason}): {err}")
-    prompts = {gid: prompt for gid, _, prompt in gen}
+    gen_paths: dict[str, Path] = {}
+    if dataset.generated_embeddings:  # vectors made elsewhere, same layout as --embeddings
+        gen_ids, gen_prompts, gen_x, left_out = read_generated(dataset.generated_embeddings, dataset.batch_rows)
+        for gid, reason in left_out:
+            context.log.warning(f"generated vector {gid} left out of the audit: {reason}")
+    else:
+        emb = embedder.get()
+        gen = discover_generated(Path(dataset.generated))
+        result = embed_stream(
+            emb,
+            ((gid, path.read_bytes()) for gid, path, _ in gen),
+            batch_size=embedder.batch_size,
+            workers=0,
+        )
+        left_out = [(gid, reason) for gid, reason, _ in result.failures]
+        for gid, reason, err in result.failures:
+            context.log.warning(f"generated image {gid} could not be decoded ({reason}): {err}")
+        prompts = {gid: prompt for gid, _, prompt in gen}
+        gen_ids, gen_x = result.ids, result.vectors
+        gen_prompts = [prompts.get(g) for g in gen_ids]
+        gen_paths = {gid: path for gid, path, _ in gen}
     kept_ids = wh.query("SELECT image_id FROM filtered_dataset")["image_id"]
-    tau = float(curate.audit_threshold if curate.audit_threshold is not None else emb.duplicate_threshold)
+    tau = resolve_threshold(curate.audit_threshold, embedder)
     cfg = AuditConfig(top_k=curate.audit_top_k, threshold=tau, flat_max=curate.audit_flat_max)
-    table = audit(
-        result.ids, [prompts.get(g) for g in result.ids], result.vectors, train_ids, train_x, kept_ids, cfg, tau
-    )
+    table = audit(gen_ids, gen_prompts, gen_x, train_ids, train_x, kept_ids, cfg, tau)
     wh.replace_table("regurgitation_audit", table)
     locs = wh.read_table("image_index", columns=["image_id", "location"]).filter(
         pl.col("image_id").is_in(table["image_id"].unique().to_list())
     )
     html = write_audit_html(
         table,
-        {gid: path for gid, path, _ in gen},
+        gen_paths,
         dict(zip(locs["image_id"].to_list(), locs["location"].to_list())),
         warehouse.directory / "regurgitation_audit.html",
     )
@@ -199,8 +212,11 @@ def regurgitation_audit(
     return MaterializeResult(
         metadata={
             "dagster/row_count": table.height,
-            "generated_images": len(result.ids),
-            "undecodable_generated": len(result.failures),
+            "generated_images": len(gen_ids),
+            "undecodable_generated": len(left_out),
+            "generated_source": MetadataValue.text(
+                f"vectors under {dataset.generated_embeddings}" if dataset.generated_embeddings
+                else f"images under {dataset.generated}"),
             "flagged_generated": flagged["generated"].n_unique(),
             "threshold": tau,
             "training_vectors_searched": len(train_ids),

@@ -27,8 +27,11 @@ from dagster import (
 from dedup_assets.defs.metadata import counts_md, markdown_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, SHARDS_PARTITIONS_NAME, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, WarehouseResource
+from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, validate_parts
+from dedup_assets.ingest.clip_retrieval import index_frame as clip_index_frame
 from dedup_assets.ingest.index import index_shard, skipped_frame, summarize_index
 from dedup_assets.ingest.shards import RejectedShard, Skipped, discover_shards, escape, find_shard
+from dedup_assets.tables import write_image_index, write_skipped_entries
 from dedup_assets.warehouse import Warehouse
 
 GROUP = "ingest"
@@ -54,6 +57,8 @@ def image_index(
     rejected: dict[str, int] = {}
     frames = []
     # A backfill may hand this run several shards (BackfillPolicy below); each is its own transaction.
+    if dataset.is_external:
+        return _index_external(context, dataset, wh)
     skipped_by_reason: dict[str, int] = {}
     for shard_name in context.partition_keys:
         shard = find_shard(dataset.root, shard_name, dataset.follow_links)
@@ -67,8 +72,8 @@ def image_index(
             shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress,
             read_limits=dataset.read_limits, skipped=skipped,
         )
-        wh.replace_partition("image_index", df, "shard", shard.name)
-        wh.replace_partition("skipped_entries", skipped_frame(shard.name, skipped), "shard", shard.name)
+        write_image_index(wh, shard.name, df)
+        write_skipped_entries(wh, shard.name, skipped_frame(shard.name, skipped))
         summary = summarize_index(df)
         skip_counts = _counts(s.reason for s in skipped)
         for reason, n in skip_counts.items():
@@ -105,6 +110,50 @@ def image_index(
     )
 
 
+def _index_external(context: AssetExecutionContext, dataset: DatasetResource, wh) -> MaterializeResult:  # noqa: ANN001
+    """image_index of clip-retrieval file pairs: one row per metadata row, bad vectors recorded."""
+    started = time.perf_counter()
+    parts = {p.partition: p for p in discover_parts(dataset.root)}
+    validate_parts(list(parts.values()))  # headers only: row counts per pair, one dimension for all files
+    per_part: dict[str, dict] = {}
+    last = None
+    for key in context.partition_keys:
+        if key not in parts:
+            raise EmbeddingsInputError(f"no file pair for partition {key!r} under {dataset.root}")
+        part = parts[key]
+        t0 = time.perf_counter()
+        df, stats = clip_index_frame(part, batch_rows=dataset.batch_rows)
+        write_image_index(wh, key, df)
+        per_part[key] = {**vars(stats), "npy": str(part.npy), "metadata": str(part.metadata)}
+        context.log.info(
+            f"[{key}] {stats.rows} rows ({stats.ok} ok, {stats.non_finite} NaN/Inf, {stats.zero_vector} zero, "
+            f"{stats.duplicate_key} repeated keys; {stats.renormalized} not unit-norm) in {time.perf_counter() - t0:.2f}s"
+        )
+        last = df
+    seconds = time.perf_counter() - started
+    rows = sum(v["rows"] for v in per_part.values())
+    rejected = {
+        reason: sum(v[field] for v in per_part.values())
+        for reason, field in (("bad_embedding:non_finite", "non_finite"), ("bad_embedding:zero_vector", "zero_vector"),
+                              ("duplicate_key", "duplicate_key"))
+    }
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "source": MetadataValue.text(f"external embeddings (clip-retrieval layout) under {dataset.root}"),
+            "ok": sum(v["ok"] for v in per_part.values()),
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": counts_md({k: v for k, v in rejected.items() if v}),
+            "not_unit_norm_renormalized": sum(v["renormalized"] for v in per_part.values()),
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(rows / max(seconds, 1e-9), 1),
+            "partitions": MetadataValue.json(per_part),
+            "preview": markdown_preview(last.select("image_id", "status", "error", "caption", "url"))
+            if last is not None else MetadataValue.md("_(no partition)_"),
+        }
+    )
+
+
 @asset_check(asset=image_index, description="image_id is unique within the shard's rows.")
 def image_index_ids_unique(context, warehouse: WarehouseResource) -> AssetCheckResult:
     dupes = warehouse.get().query(
@@ -134,7 +183,7 @@ def record_root_skips(wh: Warehouse, root, rejected: list[RejectedShard]) -> str
     """Write the root's non-shard entries to `skipped_entries` (shard '') and return a one-line
     summary with counts by reason and a few examples."""
     items = [Skipped(escape(os.fsencode(r.path.name)), r.code, r.reason.split(": ", 1)[-1]) for r in rejected]
-    wh.replace_partition("skipped_entries", skipped_frame(ROOT_PARTITION, items), "shard", ROOT_PARTITION)
+    write_skipped_entries(wh, ROOT_PARTITION, skipped_frame(ROOT_PARTITION, items))
     if not items:
         return f"every entry under {root} is a shard"
     examples = ", ".join(f"{s.entry} ({s.reason})" for s in items[:3])
@@ -153,9 +202,16 @@ shard_job = define_asset_job(
 
 
 def new_shards(dataset: DatasetResource, known: set[str]) -> tuple[list[str], list[str]]:
-    """Shard names on disk not in `known`, and the rejected shard paths with their reasons."""
+    """Partition keys on disk not in `known` (shards, or emb_{i} file pairs of external embeddings),
+    and the rejected paths with their reasons."""
     if not dataset.root.exists():
         return [], [f"{dataset.root}: dataset root does not exist"]
+    if dataset.is_external:
+        try:
+            parts = discover_parts(dataset.root)
+        except EmbeddingsInputError as e:
+            return [], [str(e)]
+        return [p.partition for p in parts if p.partition not in known], []
     shards, rejected = discover_shards(dataset.root, dataset.follow_links)
     return (
         [s.name for s in shards if s.name not in known],
@@ -193,7 +249,7 @@ def register_shards(
     fresh, rejected = new_shards(dataset, registered)
     for line in rejected:
         context.log.warning(f"skipping shard {line}")
-    if dataset.root.exists():
+    if dataset.root.exists() and not dataset.is_external:
         context.log.info(record_root_skips(warehouse.get(), dataset.root, discover_shards(dataset.root, dataset.follow_links)[1]))
     if fresh:
         context.instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, fresh)
