@@ -26,6 +26,8 @@ No Dagster here.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -127,45 +129,69 @@ def embedding_store(wh: Warehouse) -> EmbeddingStore:
 
 def embeddings_kind(wh: Warehouse) -> str | None:
     """'VIEW' (the store), 'BASE TABLE' (a warehouse from before the store) or None (absent)."""
-    if not wh.path.exists():
-        return None
-    rows = wh.query(
-        "SELECT table_type FROM information_schema.tables WHERE table_name = $t AND table_schema = 'main'",
-        {"t": EMBEDDINGS},
-    )
-    return str(rows["table_type"][0]) if rows.height else None
+    return _view_state(wh).kind
 
 
-def _view_sql(store: EmbeddingStore) -> str:
-    d = store.dim()
+def _glob_literal(store: EmbeddingStore) -> str:
+    return "'" + store.glob.replace("'", "''") + "'"  # a path, quoted as a SQL string literal
+
+
+def _view_sql(store: EmbeddingStore, d: int | None) -> str:
     if d is None:
         return (
             f"CREATE OR REPLACE VIEW {EMBEDDINGS} AS SELECT CAST(NULL AS VARCHAR) AS image_id, "
             "CAST(NULL AS VARCHAR) AS shard, CAST(NULL AS FLOAT[]) AS embedding, "
             "CAST(NULL AS VARCHAR) AS model WHERE false"
         )
-    glob = store.glob.replace("'", "''")  # a path, quoted as a SQL string literal
     return (
         f"CREATE OR REPLACE VIEW {EMBEDDINGS} AS SELECT image_id, partition AS shard, "
         f"CAST(embedding AS FLOAT[{int(d)}]) AS embedding, model "
-        f"FROM read_parquet('{glob}')"
+        f"FROM read_parquet({_glob_literal(store)})"
     )
 
 
-def refresh_embeddings_view(wh: Warehouse, store: EmbeddingStore | None = None) -> None:
-    """(Re)create the view `embeddings` over the store's files (an empty typed view when none)."""
-    store = store or embedding_store(wh)
-    sql = _view_sql(store)
+@dataclass(frozen=True)
+class _ViewState:
+    kind: str | None  # 'VIEW', 'BASE TABLE' or None
+    dim: int | None  # d of the view's FLOAT[d]; None for the empty view (FLOAT[]) or no view
+    sql: str
+
+
+def _view_state(wh: Warehouse) -> _ViewState:
+    if not wh.path.exists():
+        return _ViewState(None, None, "")
     with wh.connect() as con:
         kind = con.execute(
             "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
             [EMBEDDINGS],
         ).fetchall()
-        if kind and kind[0][0] != "VIEW":
-            raise WarehouseError(
-                f"{wh.path} holds a table {EMBEDDINGS!r} from before the embedding store; "
-                "call ensure_embeddings() to migrate it"
-            )
+        if not kind:
+            return _ViewState(None, None, "")
+        dtype = con.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_name = ? AND table_schema = 'main' "
+            "AND column_name = 'embedding'",
+            [EMBEDDINGS],
+        ).fetchall()
+        sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = ? AND schema_name = 'main'",
+                          [EMBEDDINGS]).fetchall()
+    m = re.fullmatch(r"FLOAT\[(\d+)\]", dtype[0][0]) if dtype else None
+    return _ViewState(str(kind[0][0]), int(m.group(1)) if m else None, str(sql[0][0]) if sql else "")
+
+
+def refresh_embeddings_view(wh: Warehouse, store: EmbeddingStore | None = None) -> None:
+    """(Re)create the view `embeddings` over the store's files (an empty typed view when none).
+
+    Reads every file's footer (to check they share one dimension); the writers below call it only
+    when the view must change, not on every write.
+    """
+    store = store or embedding_store(wh)
+    if _view_state(wh).kind == "BASE TABLE":
+        raise WarehouseError(
+            f"{wh.path} holds a table {EMBEDDINGS!r} from before the embedding store; "
+            "call ensure_embeddings() to migrate it"
+        )
+    sql = _view_sql(store, store.dim())
+    with wh.connect() as con:
         con.execute(sql)
 
 
@@ -174,44 +200,49 @@ def ensure_embeddings(wh: Warehouse, log: Callable[[str], None] | None = None) -
 
     Migration: per shard, the rows (ordered by image_id) are written to the store as that shard's
     partition; then, in one transaction, the table is dropped and the view created. Memory: one
-    shard. A shard whose rows mix models is refused (the old table could not be trusted).
+    shard. A shard whose rows mix models is refused (the old table could not be trusted). The view
+    is (re)created when it is missing or points at another folder (a moved warehouse).
     """
     store = embedding_store(wh)
-    kind = embeddings_kind(wh)
-    if kind == "BASE TABLE":
-        shards = wh.query(f"SELECT shard, count(*) AS n, count(DISTINCT model) AS models FROM {EMBEDDINGS} "
-                          "GROUP BY shard ORDER BY shard")
-        mixed = shards.filter(pl.col("models") > 1)
-        if mixed.height:
-            raise WarehouseError(
-                f"cannot migrate {wh.path}: the embeddings of shard(s) {mixed['shard'].to_list()[:5]} "
-                f"mix models; re-embed them (DROP TABLE embeddings, then re-materialize `embeddings`)"
-            )
-        total = 0
-        for shard, n in shards.select("shard", "n").iter_rows():
-            ids, x = wh.read_vectors(EMBEDDINGS, "image_id", "embedding", where="shard = $s", params={"s": shard})
-            model = str(wh.query(f"SELECT any_value(model) AS m FROM {EMBEDDINGS} WHERE shard = $s",
-                                 {"s": shard})["m"][0])
-            store.write_partition(shard, ids, x, model)
-            total += int(n)
-            if log:
-                log(f"migrated {n} vectors of shard {shard} into {store.path_of(shard)}")
-        sql = _view_sql(store)
-        with wh.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute(f"DROP TABLE {EMBEDDINGS}")
-                con.execute(sql)
-                con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
-                raise
-        if log:
-            log(f"migrated the embeddings table ({total} vectors, {shards.height} shards) to the store "
-                f"{store.root}; `embeddings` is now a view over it")
-    elif kind is None or kind == "VIEW":
+    state = _view_state(wh)
+    if state.kind == "BASE TABLE":
+        _migrate(wh, store, log)
+    elif state.kind is None or (state.dim is not None and _glob_literal(store) not in state.sql):
         refresh_embeddings_view(wh, store)
     return store
+
+
+def _migrate(wh: Warehouse, store: EmbeddingStore, log: Callable[[str], None] | None) -> None:
+    shards = wh.query(f"SELECT shard, count(*) AS n, count(DISTINCT model) AS models FROM {EMBEDDINGS} "
+                      "GROUP BY shard ORDER BY shard")
+    mixed = shards.filter(pl.col("models") > 1)
+    if mixed.height:
+        raise WarehouseError(
+            f"cannot migrate {wh.path}: the embeddings of shard(s) {mixed['shard'].to_list()[:5]} "
+            f"mix models; re-embed them (DROP TABLE embeddings, then re-materialize `embeddings`)"
+        )
+    total = 0
+    for shard, n in shards.select("shard", "n").iter_rows():
+        ids, x = wh.read_vectors(EMBEDDINGS, "image_id", "embedding", where="shard = $s", params={"s": shard})
+        model = str(wh.query(f"SELECT any_value(model) AS m FROM {EMBEDDINGS} WHERE shard = $s",
+                             {"s": shard})["m"][0])
+        store.write_partition(shard, ids, x, model)
+        total += int(n)
+        if log:
+            log(f"migrated {n} vectors of shard {shard} into {store.path_of(shard)}")
+    sql = _view_sql(store, store.dim())
+    with wh.connect() as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"DROP TABLE {EMBEDDINGS}")
+            con.execute(sql)
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    if log:
+        log(f"migrated the embeddings table ({total} vectors, {shards.height} shards) to the store "
+            f"{store.root}; `embeddings` is now a view over it")
 
 
 def write_embeddings(
@@ -221,17 +252,31 @@ def write_embeddings(
     model: str,
     dim: int,
 ) -> int:
-    """Write one partition's vectors to the store (atomic replace), then refresh the view."""
+    """Write one partition's vectors to the store (atomic replace); the view sees the new file at
+    once (it globs the folder) and is only recreated when its dimension changes (or it was empty).
+
+    Refuses a dimension other than the one the other partitions hold."""
     store = ensure_embeddings(wh)
+    view = _view_state(wh)
+    if view.dim is not None and view.dim != dim:
+        others = [p for p in store.partitions() if p != partition]
+        if others:
+            raise WarehouseError(
+                f"partition {partition!r} has {dim}-d vectors but the store holds {view.dim}-d ones "
+                f"(e.g. {others[:3]}): one model per warehouse; re-embed every partition with one model"
+            )
     n = store.write_partition_batches(partition, batches, model, dim)
-    refresh_embeddings_view(wh, store)
+    if view.dim != dim:
+        refresh_embeddings_view(wh, store)
     return n
 
 
 def delete_embeddings(wh: Warehouse, partition: str) -> None:
+    """Remove one partition's vectors; the view turns into the empty one when no file is left."""
     store = ensure_embeddings(wh)
     store.delete_partition(partition)
-    refresh_embeddings_view(wh, store)
+    if not store.partitions():
+        refresh_embeddings_view(wh, store)
 
 
 def partition_models(wh: Warehouse) -> dict[str, str]:

@@ -127,3 +127,18 @@ def test_threshold_resolution_order() -> None:
         resolve_threshold(None, _Emb(None, None))  # external vectors, nothing given
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         resolve_threshold(None, _Emb(1.5, 0.9))
+
+
+def test_other_dimension_is_refused_and_a_moved_warehouse_is_repointed(tmp_path: Path) -> None:
+    wh = Warehouse(tmp_path / "a" / "wh.duckdb")
+    write_embeddings(wh, "p", [(["x", "y"], _unit(2, 8, 0))], "m", dim=8)
+    with pytest.raises(WarehouseError, match="has 16-d vectors but the store holds 8-d"):
+        write_embeddings(wh, "q", [(["z"], _unit(1, 16, 0))], "m", dim=16)
+    assert embedding_store(wh).partitions() == ["p"]
+    write_embeddings(wh, "p", [(["x"], _unit(1, 16, 0))], "m", dim=16)  # the only partition: d may change
+    assert wh.query("SELECT count(*) AS n FROM embeddings")["n"][0] == 1
+    # move the warehouse with its files: the view is re-pointed on the next access
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = Warehouse(tmp_path / "b" / "wh.duckdb")
+    ensure_embeddings(moved)
+    assert moved.read_vectors("embeddings", "image_id", "embedding")[1].shape == (1, 16)
