@@ -20,9 +20,11 @@ GPU, and the pool limit (dagster.yaml) should equal the number of GPUs of a mach
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import importlib.util
+import math
 import os
 import tempfile
 import threading
@@ -35,6 +37,8 @@ __all__ = [
     "block_pairs",
     "check_search_args",
     "describe_backend",
+    "fp16_margin",
+    "fp32_matmul_precision",
     "resolve_device",
 ]
 
@@ -303,8 +307,181 @@ def block_pairs(
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA path
+# CUDA path (torch): fp16 GEMM per block, float32 re-scoring of the candidates near τ
+
+U16 = 2.0**-11  # unit roundoff of float16 (10 stored mantissa bits, round to nearest)
+U32 = 2.0**-24  # unit roundoff of float32
+_FLUSH_PAIRS = 1 << 24  # hits kept on the device before they are moved to the host (~200 MB)
 
 
-def _cuda_pairs(a, b, t, device, block_size):
-    raise NotImplementedError("the CUDA pair search is not written yet; use device='cpu'")
+def fp16_margin(d: int, norm: float = 1.0) -> float:
+    """How far below the true cosine an fp16 block similarity can land, for rows of dimension d
+    whose norms are at most `norm` (1 for unit rows). Candidates are the block entries ≥ τ − margin.
+
+    Bound on |ŝ − a·b| where ŝ is the fp16 GEMM entry (Higham, "Accuracy and Stability of
+    Numerical Algorithms", §2-3, applied to each step):
+    1. inputs rounded to fp16: â_k = a_k(1 + δ), |δ| ≤ u16 = 2⁻¹¹, so
+       |â·b̂ − a·b| ≤ (2·u16 + u16²) Σ|a_k b_k| ≤ (2·u16 + u16²)·‖a‖‖b‖ (Cauchy-Schwarz); entries
+       below 2⁻¹⁴ are subnormal in fp16 and carry an absolute error ≤ 2⁻²⁵ instead, which adds at
+       most 2⁻²⁵·(‖a‖₁ + ‖b‖₁)·norm ≤ 2⁻²⁴·√d·norm²;
+    2. products of fp16 numbers are exact in fp32 and cuBLAS accumulates in fp32 (we switch off
+       torch's reduced-precision fp16 reduction): recursive summation adds ≤ d·u32·Σ|â_k b̂_k|,
+       doubled because tensor-core accumulators may truncate instead of rounding to nearest;
+    3. the fp16 result is rounded once more: ≤ u16·|ŝ| ≤ u16·norm².
+    Sum for unit rows: 3·u16 + u16² + 2·d·u32 + 2⁻²⁴·√d — at d = 512 that is 1.53e-3. The margin
+    is twice the bound (orders of evaluation inside cuBLAS kernels are not documented), 3.1e-3
+    at d = 512: a pair at τ − 0.003 is re-scored, and no true hit can be left out.
+    """
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d}")
+    nn = float(norm) ** 2
+    bound = nn * (3 * U16 + U16**2 + 2 * d * U32) + 2.0**-24 * math.sqrt(d) * nn
+    return 2.0 * bound
+
+
+def _fp16_floor(x: float) -> float:
+    """The largest float16 value ≤ x (a threshold rounded to fp16 must not move up)."""
+    h = np.float16(x)
+    if float(h) > x:
+        h = np.nextafter(h, np.float16(-np.inf))
+    return float(h)
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision():
+    """Full-precision matmuls while the block runs: IEEE float32 (no TF32) for the re-scoring
+    GEMM and fp32 accumulation for fp16 GEMMs; the process's settings come back afterwards.
+
+    torch ≥ 2.9 has the `fp32_precision` API, and mixing it with the legacy `allow_tf32` flag
+    raises, so the legacy flag is only touched where the new API does not exist.
+    """
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    saved_tf32 = matmul.fp32_precision if new_api else matmul.allow_tf32
+    saved_red = matmul.allow_fp16_reduced_precision_reduction
+    try:
+        if new_api:
+            matmul.fp32_precision = "ieee"
+        else:
+            matmul.allow_tf32 = False
+        matmul.allow_fp16_reduced_precision_reduction = False
+        yield
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction = saved_red
+        if new_api:
+            matmul.fp32_precision = saved_tf32
+        else:
+            matmul.allow_tf32 = saved_tf32
+
+
+def _max_norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.max(np.einsum("ij,ij->i", x, x)))) if x.size else 0.0
+
+
+def _panel_rows(torch, dev, n_rhs: int, d: int, block_size: int) -> int:
+    """Rows of the right-hand side resident on the device at once (a multiple of block_size):
+    all of them when float32 + float16 copies take at most a quarter of the free memory."""
+    if dev.type != "cuda":
+        return max(block_size, -(-n_rhs // block_size) * block_size)
+    free, _ = torch.cuda.mem_get_info(dev)
+    # Leave room for the block buffers: a few block_size² fp16/fp32/bool matrices.
+    budget = max(free // 4 - 12 * block_size * block_size, 6 * d * block_size)
+    rows = max(block_size, int(budget // (6 * d)) // block_size * block_size)
+    return min(rows, -(-n_rhs // block_size) * block_size)
+
+
+def _torch_pairs(
+    a: np.ndarray,
+    b: np.ndarray | None,
+    t: float,
+    dev,
+    block_size: int,
+    panel_rows: int | None = None,
+    flush_pairs: int = _FLUSH_PAIRS,
+):
+    """The fp16-GEMM search on a torch device (CUDA in production; the CPU device runs the same
+    code in tests). Same block grid as `_cpu_pairs`; right-hand rows go to the device in panels
+    (`_panel_rows`), left-hand rows one block at a time, so device memory is bounded by the panel."""
+    import torch
+
+    dev = torch.device(dev)
+    within = b is None
+    rhs = a if within else b
+    n, m, d = a.shape[0], rhs.shape[0], a.shape[1]
+    norm = max(_max_norm(a), _max_norm(rhs) if not within else 0.0, 1.0)
+    low = _fp16_floor(t - fp16_margin(d, norm))
+    t32 = float(np.float32(t))
+    panel = panel_rows or _panel_rows(torch, dev, m, d, block_size)
+    if panel % block_size:
+        raise ValueError(f"panel_rows must be a multiple of block_size, got {panel} and {block_size}")
+    # Gathering rows of a sparse block costs 2·d loads per candidate; past this many candidates
+    # one float32 GEMM of the block (rows × cols × d) is cheaper.
+    gather_chunk = max(1, (1 << 25) // d)
+
+    out_i: list[np.ndarray] = []
+    out_j: list[np.ndarray] = []
+    out_s: list[np.ndarray] = []
+    dev_i: list = []
+    dev_j: list = []
+    dev_s: list = []
+    pending = 0
+
+    def flush() -> None:
+        nonlocal pending
+        if dev_i:
+            out_i.append(torch.cat(dev_i).cpu().numpy())
+            out_j.append(torch.cat(dev_j).cpu().numpy())
+            out_s.append(torch.cat(dev_s).cpu().numpy())
+            for part in (dev_i, dev_j, dev_s):
+                part.clear()
+        pending = 0
+
+    with torch.inference_mode(), fp32_matmul_precision():
+        for p0 in range(0, m, panel):
+            p1 = min(m, p0 + panel)
+            b32 = torch.from_numpy(rhs[p0:p1]).to(dev)
+            b16 = b32.half()
+            for r0 in range(0, p1 if within else n, block_size):
+                r1 = min(n, r0 + block_size)
+                if within and r0 >= p0:
+                    a32, a16 = b32[r0 - p0 : r1 - p0], b16[r0 - p0 : r1 - p0]
+                else:
+                    a32 = torch.from_numpy(a[r0:r1]).to(dev)
+                    a16 = a32.half()
+                for c0 in range(max(p0, r0) if within else p0, p1, block_size):
+                    c1 = min(p1, c0 + block_size)
+                    bc32, bc16 = b32[c0 - p0 : c1 - p0], b16[c0 - p0 : c1 - p0]
+                    mask = (a16 @ bc16.T) >= low
+                    if within and c0 == r0:  # diagonal block: strict upper triangle
+                        mask = torch.triu(mask, diagonal=1)
+                    p, q = torch.nonzero(mask, as_tuple=True)
+                    del mask
+                    k = int(p.numel())
+                    if k == 0:
+                        continue
+                    if k * 32 > (r1 - r0) * (c1 - c0):
+                        sim = (a32 @ bc32.T)[p, q]
+                    else:
+                        sim = torch.cat(
+                            [
+                                (a32[p[s : s + gather_chunk]] * bc32[q[s : s + gather_chunk]]).sum(dim=1)
+                                for s in range(0, k, gather_chunk)
+                            ]
+                        )
+                    keep = sim >= t32
+                    p, q, sim = p[keep], q[keep], sim[keep]
+                    if p.numel():
+                        dev_i.append(p + r0)
+                        dev_j.append(q + c0)
+                        dev_s.append(sim)
+                        pending += int(p.numel())
+                        if pending >= flush_pairs:
+                            flush()
+        flush()
+    return _finish(out_i, out_j, out_s)
+
+
+def _cuda_pairs(a: np.ndarray, b: np.ndarray | None, t: float, device: str, block_size: int):
+    return _torch_pairs(a, b, t, device, block_size)

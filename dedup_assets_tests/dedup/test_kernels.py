@@ -187,3 +187,69 @@ def test_cuda_path_returns_the_cpu_pairs() -> None:
         gpu = block_pairs(x, b, TAU, device="cuda", block_size=block)
         assert set(zip(cpu[0].tolist(), cpu[1].tolist())) == set(zip(gpu[0].tolist(), gpu[1].tolist()))
         np.testing.assert_allclose(cpu[2], gpu[2], atol=1e-5)
+
+
+def test_fp16_margin_covers_the_measured_fp16_error() -> None:
+    # The bound at d = 512 (the CLIP width) and its growth with d.
+    assert 1.5e-3 < kernels.fp16_margin(512) / 2 < 1.6e-3
+    assert kernels.fp16_margin(64) < kernels.fp16_margin(512) < kernels.fp16_margin(4096) < 0.01
+    assert kernels.fp16_margin(512, norm=2.0) > 3.9 * kernels.fp16_margin(512)
+    with pytest.raises(ValueError):
+        kernels.fp16_margin(0)
+    # The fp16 similarities of unit rows never fall more than the margin below the exact ones.
+    for d in (16, 512):
+        x = _data(400, d=d, seed=9)
+        h = x.astype(np.float16)
+        s16 = (h.astype(np.float32) @ h.T.astype(np.float32)).astype(np.float16).astype(np.float64)
+        exact = x.astype(np.float64) @ x.T.astype(np.float64)
+        assert np.max(exact - s16) < kernels.fp16_margin(d) / 2
+    # Rounding a threshold to fp16 never moves it up.
+    for v in (0.9, 0.909, -0.3, 0.1234567):
+        f = kernels._fp16_floor(v)
+        assert f <= v and float(np.nextafter(np.float16(f), np.float16(np.inf))) > v
+
+
+def test_torch_fp16_path_on_the_cpu_device_returns_the_brute_force_pairs() -> None:
+    torch = pytest.importorskip("torch")
+    x = _data(600, d=64, seed=5)
+    # A dense cluster (many candidates per block: the float32 GEMM branch) next to sparse data
+    # (few candidates: the gather branch).
+    rng = np.random.default_rng(0)
+    near = x[:1] + rng.normal(0, 1, (40, 64)).astype(np.float32) * 0.06
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    y = np.vstack([x, near]).astype(np.float32)
+    # τ between the fp16 and the float32 similarity of the pair that fp16 underrates most: a
+    # search without the margin misses that pair, the re-scored one must find it.
+    t = torch.from_numpy(y)
+    s16 = (t.half() @ t.half().T).float().numpy().astype(np.float64)
+    s32 = y.astype(np.float64) @ y.T.astype(np.float64)
+    iu = np.triu_indices(len(y), 1)
+    under = np.where(s32[iu] > 0.8, s32[iu] - s16[iu], -1.0)
+    k = int(np.argmax(under))
+    assert under[k] > 1e-4
+    tau = float(np.float32((s32[iu][k] + s16[iu][k]) / 2))
+    _far_from(y, None, tau, gap=1e-6)
+    expected = block_pairs(y, None, tau, device="cpu", block_size=128)
+    for block, panel in ((128, None), (128, 256), (50, 100), (700, None)):
+        got = kernels._torch_pairs(y, None, tau, "cpu", block, panel_rows=panel, flush_pairs=7)
+        _well_formed(*got, within=True)
+        assert set(zip(got[0].tolist(), got[1].tolist())) == set(zip(expected[0].tolist(), expected[1].tolist()))
+        np.testing.assert_allclose(got[2], expected[2], atol=1e-5)
+    a, b = y[:300], y[200:]
+    want = block_pairs(a, b, tau, device="cpu", block_size=64)
+    for panel in (None, 128):
+        got = kernels._torch_pairs(a, b, tau, "cpu", 64, panel_rows=panel)
+        assert set(zip(got[0].tolist(), got[1].tolist())) == set(zip(want[0].tolist(), want[1].tolist()))
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        kernels._torch_pairs(y, None, tau, "cpu", 64, panel_rows=100)
+
+
+def test_fp32_matmul_precision_restores_the_process_settings() -> None:
+    torch = pytest.importorskip("torch")
+    matmul = torch.backends.cuda.matmul
+    before = (getattr(matmul, "fp32_precision", None), matmul.allow_fp16_reduced_precision_reduction)
+    with kernels.fp32_matmul_precision():
+        if hasattr(matmul, "fp32_precision"):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.allow_fp16_reduced_precision_reduction is False
+    assert (getattr(matmul, "fp32_precision", None), matmul.allow_fp16_reduced_precision_reduction) == before
