@@ -40,6 +40,7 @@ __all__ = [
     "fp16_margin",
     "fp32_matmul_precision",
     "resolve_device",
+    "validate_device",
 ]
 
 _EMPTY_I = np.zeros(0, np.int64)
@@ -106,6 +107,15 @@ def claim_gpu_index(count: int, lock_dir: str | None = None) -> int:
         return index
 
 
+def validate_device(device: str) -> str:
+    """The device string normalized ("auto", "cpu", "cuda" or "cuda:N"), without probing any GPU;
+    anything else raises a ValueError (for configs that validate on construction)."""
+    dev = device.strip().lower() if isinstance(device, str) else None
+    if dev in ("auto", "cpu", "cuda") or (dev is not None and dev.startswith("cuda:") and dev[5:].isdigit()):
+        return dev
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def resolve_device(device: str) -> str:
     """"auto" | "cpu" | "cuda" | "cuda:N" → "cpu" or "cuda:N" (one device per process).
 
@@ -118,19 +128,10 @@ def resolve_device(device: str) -> str:
     - "cuda:N" → itself, when N is a visible index (indices count within CUDA_VISIBLE_DEVICES).
     "cuda" / "cuda:N" without a usable GPU raise a RuntimeError that says what to do.
     """
-    if not isinstance(device, str):
-        raise ValueError(f"device must be a string ('auto', 'cpu', 'cuda' or 'cuda:N'), got {device!r}")
-    dev = device.strip().lower()
+    dev = validate_device(device)
     if dev == "cpu":
         return "cpu"
-    explicit: int | None = None
-    if dev.startswith("cuda:"):
-        tail = dev[5:]
-        if not tail.isdigit():
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        explicit = int(tail)
-    elif dev not in ("auto", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    explicit = int(dev[5:]) if dev.startswith("cuda:") else None
     if dev == "auto" and not _has_gpu_node():
         return "cpu"
     count = _torch_cuda_count()
