@@ -297,6 +297,16 @@ def _per_shard_config(resources: dict) -> str:
 
 
 def _failed_steps(result) -> list[str]:  # noqa: ANN001
+    """One line per failed step; a failed run with no failed step (e.g. a resource that could not
+    start) still gives a line, so the exit code says it failed."""
+    out = _step_failures(result)
+    if not out and not result.success:
+        msgs = [ev.message for ev in result.all_events if ev.event_type_value in ("RUN_FAILURE", "PIPELINE_FAILURE")]
+        out.append(f"run {result.run_id[:8]}: {(msgs[-1] if msgs and msgs[-1] else 'failed before any step ran').strip().splitlines()[-1]}")
+    return out
+
+
+def _step_failures(result) -> list[str]:  # noqa: ANN001
     out = []
     for ev in result.all_events:
         if ev.is_step_failure:
