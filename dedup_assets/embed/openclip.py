@@ -228,7 +228,7 @@ class OpenClipEmbedder:
 
     @property
     def device(self) -> str | None:
-        """The device the model runs on ('cuda'/'cpu'), None before load()."""
+        """The device the model runs on ('cuda:N'/'cpu'), None before load()."""
         return self._device
 
     @property
@@ -238,18 +238,16 @@ class OpenClipEmbedder:
 
     # ------------------------------------------------------------------ loading
     def _resolve_device(self) -> str:
-        import torch
+        """"cpu" or this process's GPU "cuda:N" (`kernels.resolve_device`: one GPU per process)."""
+        from dedup_assets.dedup.kernels import resolve_device
 
-        if self.cfg.device == "cuda":
-            if not torch.cuda.is_available():
-                raise ModelUnavailableError(
-                    "device 'cuda' was asked for, but torch sees no CUDA GPU on this machine "
-                    "(torch.cuda.is_available() is False); use device 'cpu' or 'auto' (`--device auto`)"
-                )
-            return "cuda"
-        if self.cfg.device == "cpu":
-            return "cpu"
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            return resolve_device(self.cfg.device)
+        except RuntimeError as exc:
+            raise ModelUnavailableError(
+                "device 'cuda' was asked for, but torch sees no CUDA GPU on this machine "
+                f"({exc}); use device 'cpu' or 'auto' (`--device auto`)"
+            ) from exc
 
     def _weights(self) -> tuple[str | None, bool]:
         """(checkpoint path or None for random init, quick_gelu needed); raises before any work."""
@@ -291,8 +289,8 @@ class OpenClipEmbedder:
         device = self._resolve_device()
         precision = self.cfg.precision
         if precision == "auto":
-            precision = "fp16" if device == "cuda" else "fp32"
-        if precision == "fp16" and device != "cuda":
+            precision = "fp16" if device.startswith("cuda") else "fp32"
+        if precision == "fp16" and not device.startswith("cuda"):
             raise ValueError("precision 'fp16' needs a CUDA device; use 'fp32' or 'bf16' on the CPU")
         model_id = self.model_id  # fingerprint the checkpoint now, not in the hot path
         with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
@@ -300,7 +298,7 @@ class OpenClipEmbedder:
             model = open_clip.create_model(
                 self.cfg.model, pretrained=weights, device="cpu", force_quick_gelu=quick_gelu
             ).eval()
-        if device == "cuda" and precision in ("fp16", "bf16"):
+        if device.startswith("cuda") and precision in ("fp16", "bf16"):
             # Half-precision weights: CLIP inference is routinely run this way and it halves memory
             # traffic; autocast below keeps any op that wants fp32 (norms, softmax) in fp32.
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
