@@ -18,7 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from dedup_assets.audit.report import audit_markdown, write_audit_html
-from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, audit, discover_generated
+from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, audit_table, discover_generated, streamed_top_k
 from dedup_assets.curate.export import export_shards, write_manifest
 from dedup_assets.curate.reweight import ReweightConfig, compute_weights, reweight_report
 from dedup_assets.curate.select import check_accounting, select
@@ -43,7 +43,6 @@ class CurateResource(ConfigurableResource):
     audit_threshold: float | None = Field(
         default=None, description="Cosine at/above which a generated image is flagged; None = embedder's calibration."
     )
-    audit_flat_max: int = Field(default=200_000, description="Above this many training vectors, use an IVF index.")
 
 
 def _table_or_none(wh, table: str) -> pl.DataFrame | None:
@@ -181,10 +180,9 @@ def regurgitation_audit(
     prompts = {gid: prompt for gid, _, prompt in gen}
     kept_ids = wh.query("SELECT image_id FROM filtered_dataset")["image_id"]
     tau = float(curate.audit_threshold if curate.audit_threshold is not None else emb.duplicate_threshold)
-    cfg = AuditConfig(top_k=curate.audit_top_k, threshold=tau, flat_max=curate.audit_flat_max)
-    table = audit(
-        result.ids, [prompts.get(g) for g in result.ids], result.vectors, train_ids, train_x, kept_ids, cfg, tau
-    )
+    cfg = AuditConfig(top_k=curate.audit_top_k, threshold=tau)
+    top = streamed_top_k(result.vectors, [(train_ids, train_x)], cfg.top_k)
+    table = audit_table(result.ids, [prompts.get(g) for g in result.ids], top, kept_ids.to_list(), tau)
     wh.replace_table("regurgitation_audit", table)
     locs = wh.read_table("image_index", columns=["image_id", "location"]).filter(
         pl.col("image_id").is_in(table["image_id"].unique().to_list())
