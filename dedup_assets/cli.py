@@ -3,6 +3,8 @@
     dedup-assets run --source DIR [--warehouse FILE] [--generated DIR]
                      [--embedder offline|openclip] [--model NAME] [--pretrained TAG|PATH]
                      [--device auto|cuda|cpu] [--min-side N] [--dagster-home DIR] [--refit]
+                     [--threshold T]
+    dedup-assets run --embeddings DIR --threshold T [--model-id NAME] [--generated-embeddings DIR] …
     dedup-assets sample --out DIR [--generated-out DIR]
     dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
 
@@ -58,11 +60,35 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from dedup_assets.settings import Settings
+def _external_partitions(args: argparse.Namespace) -> list[str] | str:
+    """Partition keys of --embeddings DIR (and a check of --generated-embeddings), or an error line."""
+    from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, validate_parts
 
-    source = Path(args.source)
+    try:
+        parts = discover_parts(args.embeddings)
+        dim = validate_parts(parts)
+        if getattr(args, "generated_embeddings", None):
+            gen_dim = validate_parts(discover_parts(args.generated_embeddings))
+            if gen_dim != dim:
+                return (f"--generated-embeddings {args.generated_embeddings} holds {gen_dim}-d vectors but "
+                        f"--embeddings {args.embeddings} holds {dim}-d: they must come from one model")
+    except EmbeddingsInputError as e:
+        return str(e)
+    return [p.partition for p in parts]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dedup_assets.settings import OPTIONAL_ENV, Settings
+
+    external = bool(getattr(args, "embeddings", None))  # bring-your-own embeddings instead of shards
+    if not external and not args.source:
+        _print("error: give --source DIR (shards of images) or --embeddings DIR (clip-retrieval vectors)")
+        return 2
+    source = Path(args.embeddings if external else args.source)
     if not source.is_dir():
+        if external:
+            _print(f"error: --embeddings {source} is not a directory (it must hold img_emb/ and metadata/)")
+            return 2
         _print(f"error: --source {source} is not a directory (it must hold one folder or .tar per shard)")
         return 2
     if args.generated and not Path(args.generated).is_dir():
@@ -78,12 +104,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             pretrained=args.pretrained,
             device=args.device,
             min_side=args.min_side,
+            embeddings=str(source.resolve()) if external else None,
+            model_id=getattr(args, "model_id", None) or "external",
+            threshold=getattr(args, "threshold", None),
+            generated_embeddings=str(Path(args.generated_embeddings).resolve())
+            if getattr(args, "generated_embeddings", None) else None,
         )
     except ValueError as e:
         _print(f"error: {e}")
         return 2
     home = _dagster_home(args.dagster_home, Path(settings.warehouse))
     os.environ["DAGSTER_HOME"] = str(home)
+    for name in OPTIONAL_ENV:  # a setting this run leaves unset must not leak in from the environment
+        os.environ.pop(name, None)
     os.environ.update(settings.to_env())
 
     from dagster import DagsterInstance, materialize
@@ -93,24 +126,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dedup_assets.ingest.shards import discover_shards
     from dedup_assets.warehouse import Warehouse
 
-    shards, rejected = discover_shards(source)
-    for r in rejected:
-        _print(f"skipping shard {r.path}: {r.reason}")
-    if not shards:
-        _print(f"error: no shards under {source} (expected <shard>/ folders or <shard>.tar files)")
-        return 2
+    if external:
+        found = _external_partitions(args)
+        if isinstance(found, str):
+            _print(f"error: {found}")
+            return 2
+        keys = found
+    else:
+        shards, rejected = discover_shards(source)
+        for r in rejected:
+            _print(f"skipping shard {r.path}: {r.reason}")
+        if not shards:
+            _print(f"error: no shards under {source} (expected <shard>/ folders or <shard>.tar files)")
+            return 2
+        keys = [s.name for s in shards]
 
     instance = DagsterInstance.get()
     known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
-    new = [s.name for s in shards if s.name not in known]
+    new = [k for k in keys if k not in known]
     if new:
         instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
     _print(
-        f"dedup-assets: {len(shards)} shard(s) under {source} ({len(new)} newly registered); "
-        f"warehouse {settings.warehouse}; embedder {settings.embedder}; DAGSTER_HOME {home}"
+        f"dedup-assets: {len(keys)} {'file pair(s)' if external else 'shard(s)'} under {source} "
+        f"({len(new)} newly registered); warehouse {settings.warehouse}; "
+        f"embedder {'external: ' + settings.model_id if external else settings.embedder}; DAGSTER_HOME {home}"
     )
 
     resources = build_resources(settings)
+    if external:  # τ must be known before any work: external vectors have no calibrated value
+        from dedup_assets.tables import resolve_threshold
+
+        try:
+            resolve_threshold(None, resources["embedder"])
+        except ValueError as e:
+            _print(f"error: {e}")
+            return 2
     if settings.embedder == "openclip":
         # Fail before any run starts when the weights cannot be had (no silent fallback).
         from dedup_assets.embed.openclip import ModelUnavailableError
@@ -127,12 +177,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     shard_check_failures: list[str] = []
     started = time.perf_counter()
     total_images = 0
-    for n, shard in enumerate(shards, 1):
+    for n, key in enumerate(keys, 1):
         t0 = time.perf_counter()
         result = materialize(
             ALL_ASSETS + ALL_CHECKS,
             selection=PER_SHARD_ASSETS,
-            partition_key=shard.name,
+            partition_key=key,
             run_config={"loggers": QUIET},
             resources=resources,
             instance=instance,
@@ -140,19 +190,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             tags={"dedup-assets/cli": "run"},
         )
         dt = time.perf_counter() - t0
-        rows = wh.query("SELECT count(*) AS n FROM image_index WHERE shard = $s", {"s": shard.name})["n"][0] \
+        rows = wh.query("SELECT count(*) AS n FROM image_index WHERE shard = $s", {"s": key})["n"][0] \
             if wh.table_exists("image_index") else 0
         total_images += int(rows)
         status = "ok" if result.success else "FAILED"
         _print(
-            f"[{n}/{len(shards)}] shard {shard.name}: {rows} files in {dt:.1f}s "
+            f"[{n}/{len(keys)}] {'partition' if external else 'shard'} {key}: {rows} {'rows' if external else 'files'} in {dt:.1f}s "
             f"({rows / max(dt, 1e-9):.1f} images/s) {status}  run {result.run_id[:8]}"
         )
         if not result.success:
             failures.extend(_failed_steps(result))
         for name, passed in _check_results(result):
             if not passed:
-                shard_check_failures.append(f"{name} (shard {shard.name})")
+                shard_check_failures.append(f"{name} (shard {key})")
     _print(f"per-shard stage: {total_images} files in {time.perf_counter() - started:.1f}s")
 
     t0 = time.perf_counter()
@@ -269,8 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="index, filter, embed, dedup, reweight and audit a dataset")
-    r.add_argument("--source", default=os.environ.get(ENV_SOURCE), required=not os.environ.get(ENV_SOURCE),
+    r.add_argument("--source", default=os.environ.get(ENV_SOURCE),
                    help=f"dataset root with one folder or .tar per shard (env {ENV_SOURCE})")
+    r.add_argument("--embeddings", default=None, metavar="DIR",
+                   help="bring your own embeddings instead of --source: clip-retrieval layout "
+                        "img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet (needs --threshold)")
+    r.add_argument("--model-id", default="external",
+                   help="model id recorded with --embeddings vectors (default 'external')")
+    r.add_argument("--threshold", type=float, default=None,
+                   help="near-copy cosine τ of dedup and audit (any embedder; required with --embeddings)")
+    r.add_argument("--generated-embeddings", default=None, metavar="DIR",
+                   help="vectors of generated images (same layout as --embeddings) to audit instead of --generated")
     r.add_argument("--warehouse", default=os.environ.get("DEDUP_ASSETS_WAREHOUSE", DEFAULT_WAREHOUSE))
     r.add_argument("--generated", default=os.environ.get("DEDUP_ASSETS_GENERATED"),
                    help="folder of model-generated images to audit")

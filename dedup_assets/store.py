@@ -33,7 +33,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -129,48 +129,43 @@ class EmbeddingStore:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] < 1:
             raise StoreError(f"partition {partition!r}: vectors must be (n, d) with d ≥ 1, got {vectors.shape}")
-        if not np.issubdtype(vectors.dtype, np.floating):
-            raise StoreError(f"partition {partition!r}: vectors must be floating point, got {vectors.dtype}")
-        n, d = int(vectors.shape[0]), int(vectors.shape[1])
-        ids = list(ids)
-        if len(ids) != n:
-            raise StoreError(f"partition {partition!r}: {len(ids)} ids for {n} vectors")
-        mat = np.ascontiguousarray(vectors, dtype=np.float32)
-        finite = np.isfinite(mat).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)[:5].tolist()
-            raise StoreError(
-                f"partition {partition!r}: {int((~finite).sum())} vectors hold NaN/Inf (rows {bad}…); "
-                f"filter them out before writing"
-            )
+        return self.write_partition_batches(partition, [(ids, vectors)], model, dim=int(vectors.shape[1]))
+
+    def write_partition_batches(
+        self,
+        partition: str,
+        batches: Iterable[tuple[Sequence[str], np.ndarray]],
+        model: str,
+        dim: int,
+    ) -> int:
+        """Like `write_partition`, from an iterable of (ids, (b, dim) vectors) batches, holding one
+        batch at a time: the way to write a partition bigger than memory. Returns rows written."""
+        if dim < 1:
+            raise StoreError(f"partition {partition!r}: dim must be ≥ 1, got {dim}")
         if not model:
             raise StoreError(f"partition {partition!r}: a model id is required")
-        schema = _schema(d).with_metadata(
-            {_META_PARTITION: partition.encode("utf-8"), _META_MODEL: model.encode("utf-8"), _META_DIM: str(d).encode()}
-        )
-        table = pa.table(
-            {
-                "partition": pa.array([partition] * n, pa.string()),
-                "image_id": pa.array(ids, pa.string()),
-                "row": pa.array(np.arange(n, dtype=np.int32)),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), d),
-                "model": pa.array([model] * n, pa.string()),
-            },
-            schema=schema,
+        final = self.path_of(partition)  # validates the key before anything is written
+        schema = _schema(dim).with_metadata(
+            {_META_PARTITION: partition.encode("utf-8"), _META_MODEL: model.encode("utf-8"),
+             _META_DIM: str(dim).encode()}
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.path_of(partition)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        n = 0
         try:
             with open(tmp, "wb") as fh:
-                pq.write_table(
-                    table,
+                with pq.ParquetWriter(
                     fh,
-                    row_group_size=ROW_GROUP_ROWS,
+                    schema,
                     compression={"partition": "zstd", "image_id": "zstd", "row": "zstd",
                                  "embedding": "none", "model": "zstd"},
                     use_dictionary=["partition", "model"],
-                )
+                ) as writer:
+                    for ids, vectors in batches:
+                        table = self._batch_table(partition, list(ids), vectors, model, dim, n, schema)
+                        if table.num_rows or n == 0:
+                            writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                        n += table.num_rows
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -179,6 +174,38 @@ class EmbeddingStore:
             raise
         _fsync_dir(self.root)
         return n
+
+    @staticmethod
+    def _batch_table(
+        partition: str, ids: list[str], vectors: np.ndarray, model: str, dim: int, first_row: int,
+        schema: pa.Schema,
+    ) -> pa.Table:
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise StoreError(f"partition {partition!r}: vectors must be (n, {dim}), got {vectors.shape}")
+        if not np.issubdtype(vectors.dtype, np.floating):
+            raise StoreError(f"partition {partition!r}: vectors must be floating point, got {vectors.dtype}")
+        b = int(vectors.shape[0])
+        if len(ids) != b:
+            raise StoreError(f"partition {partition!r}: {len(ids)} ids for {b} vectors")
+        mat = np.ascontiguousarray(vectors, dtype=np.float32)
+        finite = np.isfinite(mat).all(axis=1)
+        if not finite.all():
+            bad = (np.flatnonzero(~finite)[:5] + first_row).tolist()
+            raise StoreError(
+                f"partition {partition!r}: {int((~finite).sum())} vectors hold NaN/Inf (rows {bad}…); "
+                f"filter them out before writing"
+            )
+        return pa.table(
+            {
+                "partition": pa.array([partition] * b, pa.string()),
+                "image_id": pa.array(ids, pa.string()),
+                "row": pa.array(np.arange(first_row, first_row + b, dtype=np.int32)),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), dim),
+                "model": pa.array([model] * b, pa.string()),
+            },
+            schema=schema,
+        )
 
     def delete_partition(self, partition: str) -> None:
         """Remove one partition's file (no error when it is absent)."""

@@ -83,44 +83,53 @@ def test_crash_mid_write_leaves_the_old_file(tmp_path: Path) -> None:
     """A process killed while writing a partition leaves the previous file intact and readable."""
     store = EmbeddingStore(tmp_path / "s")
     data = _fill(store, {"p": 20})
-    # the child starts rewriting "p" with a big matrix and is killed (os._exit) inside the Parquet
-    # writer, after the temp file has been opened and partly written
+    # the child streams a new version of "p"; after the first row groups are on disk it dies
     script = textwrap.dedent(
         f"""
-        import os, numpy as np, pyarrow.parquet as pq
+        import os, numpy as np
         from dedup_assets.store import EmbeddingStore
-        real = pq.write_table
-        def dying(table, where, **kw):
-            where.write(b"PAR1 partial bytes")
-            where.flush()
+        def batches():
+            yield [str(i) for i in range(5000)], np.ones((5000, 16), np.float32)
             os._exit(3)
-        pq.write_table = dying
-        EmbeddingStore({str(store.root)!r}).write_partition(
-            "p", [str(i) for i in range(1000)], np.ones((1000, 16), np.float32), "m-new")
+        EmbeddingStore({str(store.root)!r}).write_partition_batches("p", batches(), "m-new", dim=16)
         """
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
     assert proc.returncode == 3
-    leftovers = [p.name for p in store.root.iterdir() if p.name != "p.parquet"]
-    assert leftovers and all(".tmp-" in n and not n.endswith(".parquet") for n in leftovers)
+    leftovers = [p for p in store.root.iterdir() if p.name != "p.parquet"]
+    assert len(leftovers) == 1 and ".tmp-" in leftovers[0].name and not leftovers[0].name.endswith(".parquet")
+    assert leftovers[0].stat().st_size > 5000 * 16 * 4  # the new rows had reached the disk
     # the old partition is intact and the temp file is not taken for a partition
     assert store.partitions() == ["p"] and store.models() == {"m1"}
     ids, got = store.read_partition("p")
     assert ids == data["p"][0]
     np.testing.assert_array_equal(got, data["p"][1])
-    # an exception inside the writer (not a crash) removes its temp file
-    real = pq.write_table
-    try:
-        def failing(*a, **k):  # noqa: ANN002, ANN003
-            raise OSError("disk full")
 
-        pq.write_table = failing
-        with pytest.raises(OSError, match="disk full"):
-            store.write_partition("p", ["a"], np.ones((1, 16), np.float32), "m-new")
-    finally:
-        pq.write_table = real
-    assert sorted(p.name for p in store.root.iterdir()) == sorted(["p.parquet", *leftovers])
+    # an exception while streaming (bad batch, a failing source) removes its temp file
+    def failing():  # noqa: ANN202
+        yield ["a"], np.ones((1, 16), np.float32)
+        raise OSError("source went away")
+
+    with pytest.raises(OSError, match="source went away"):
+        store.write_partition_batches("p", failing(), "m-new", dim=16)
+    with pytest.raises(StoreError, match=r"must be \(n, 16\)"):
+        store.write_partition_batches("p", [(["a"], np.ones((1, 16))), (["b"], np.ones((1, 8)))], "m-new", dim=16)
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(["p.parquet", leftovers[0].name])
+    assert store.read_partition("p")[0] == data["p"][0]
+
+
+def test_streamed_write_numbers_rows_across_batches(tmp_path: Path) -> None:
+    store = EmbeddingStore(tmp_path / "s")
+    vecs = _unit(10_000, 8, seed=1)
+    batches = [([str(i) for i in range(a, min(a + 3000, 10_000))], vecs[a : a + 3000]) for a in range(0, 10_000, 3000)]
+    assert store.write_partition_batches("p", iter(batches), "m", dim=8) == 10_000
+    rows = pq.read_table(store.path_of("p"), columns=["row"]).column(0).to_numpy()
+    np.testing.assert_array_equal(rows, np.arange(10_000))
+    np.testing.assert_array_equal(store.read_partition("p")[1], vecs)
+    # an empty partition is a valid file of zero rows with its dimension
+    assert store.write_partition_batches("e", [], "m", dim=8) == 0
+    assert store.counts() == {"e": 0, "p": 10_000} and store.dim() == 8
 
 
 def test_iter_batches_bounded_and_in_order(tmp_path: Path) -> None:

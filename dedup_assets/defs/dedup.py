@@ -33,6 +33,7 @@ from dedup_assets.dedup.pairs import Pairs, pairs_within_clusters, union_pairs
 from dedup_assets.dedup.recall import estimate_recall
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
+from dedup_assets.tables import resolve_threshold
 from dedup_assets.warehouse import Warehouse
 
 GROUP = "dedup"
@@ -80,7 +81,7 @@ class DedupResource(ConfigurableResource):
         )
 
     def tau(self, embedder: EmbedderResource) -> float:
-        return float(self.threshold if self.threshold is not None else embedder.duplicate_threshold())
+        return resolve_threshold(self.threshold, embedder)
 
 
 def load_vectors(wh: Warehouse) -> tuple[list[str], np.ndarray, str]:

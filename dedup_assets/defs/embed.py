@@ -1,10 +1,15 @@
-"""Embedding stage: the per-shard `embeddings` asset (vectors stored as DuckDB FLOAT[d])."""
+"""Embedding stage: the per-shard `embeddings` asset.
+
+Vectors go to the embedding store (one Parquet file per partition, `dedup_assets.store`); DuckDB
+sees them through the view `embeddings` (`dedup_assets.tables`). For a dataset of external
+embeddings (clip-retrieval layout) the asset copies the file pair's vectors, normalized, into the
+store instead of embedding images.
+"""
 
 
 import time
 from typing import Iterator
 
-import numpy as np
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -19,32 +24,22 @@ from dedup_assets.defs.metadata import counts_md, markdown_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
+from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, iter_ok_vectors, open_vectors
 from dedup_assets.ingest.shards import Shard, find_shard, iter_shard
+from dedup_assets.tables import (
+    delete_embeddings,
+    embedding_store,
+    ensure_embeddings,
+    partition_models,
+    read_image_index,
+    write_embeddings,
+)
 
 GROUP = "embed"
 
 
 class ModelMismatchError(RuntimeError):
     """The warehouse holds vectors of another model; mixing them would make similarities meaningless."""
-
-
-def embeddings_frame(ids: list[str], shard: str, vectors: np.ndarray, model_id: str) -> pl.DataFrame:
-    """One row per embedded image: image_id, shard, embedding FLOAT[d], model."""
-    d = int(vectors.shape[1]) if vectors.ndim == 2 and vectors.shape[0] else 0
-    return pl.DataFrame(
-        {
-            "image_id": ids,
-            "shard": [shard] * len(ids),
-            "embedding": vectors.astype(np.float32, copy=False) if len(ids) else np.zeros((0, max(d, 1)), np.float32),
-            "model": [model_id] * len(ids),
-        },
-        schema={
-            "image_id": pl.String,
-            "shard": pl.String,
-            "embedding": pl.Array(pl.Float32, max(d, 1)),
-            "model": pl.String,
-        },
-    )
 
 
 def _ok_records(shard: Shard, ok_ids: set[str]) -> Iterator[tuple[str, bytes]]:
@@ -60,10 +55,11 @@ def _ok_records(shard: Shard, ok_ids: set[str]) -> Iterator[tuple[str, bytes]]:
     group_name=GROUP,
     deps=["image_index"],
     pool="gpu",
-    kinds={"duckdb", "pytorch"},
+    kinds={"parquet", "pytorch"},
     description=(
-        "One row per decodable image of the shard: its L2-normalized embedding (FLOAT[d]) and the "
-        "id of the model that made it."
+        "One vector per decodable image of the shard (or per good row of an external img_emb file): "
+        "L2-normalized float32, with the id of the model that made it, in the embedding store "
+        "(one Parquet file per partition); DuckDB view `embeddings`."
     ),
 )
 def embeddings(
@@ -73,8 +69,11 @@ def embeddings(
     warehouse: WarehouseResource,
 ) -> MaterializeResult:
     wh = warehouse.get()
-    emb = embedder.get()
     shards = list(context.partition_keys)
+    store = ensure_embeddings(wh, log=context.log.info)
+    if dataset.is_external:
+        return _import_external(context, dataset, embedder, wh, store, shards)
+    emb = embedder.get()
     _guard_one_model(context, wh, emb.model_id, shards, embedder.on_model_change)
     started = time.perf_counter()
     rows = 0
@@ -82,11 +81,7 @@ def embeddings(
     missing = 0
     for name in shards:
         shard = find_shard(dataset.root, name)
-        ok_ids = set(
-            wh.query(
-                "SELECT image_id FROM image_index WHERE shard = $shard AND status = 'ok'", {"shard": shard.name}
-            )["image_id"].to_list()
-        )
+        ok_ids = set(read_image_index(wh, shard.name, status="ok")["image_id"].to_list())
         context.log.info(f"[{shard.name}] embedding {len(ok_ids)} images with {emb.model_id}")
 
         def progress(n: int, elapsed: float, name: str = shard.name, total: int = len(ok_ids)) -> None:
@@ -100,14 +95,14 @@ def embeddings(
             decode_side=getattr(emb, "decode_side", None),
             progress=progress,
         )
-        df = embeddings_frame(result.ids, shard.name, result.vectors, emb.model_id)
-        if df.height:
-            wh.replace_partition("embeddings", df, "shard", shard.name)
+        n_vec = len(result.ids)
+        if n_vec:
+            write_embeddings(wh, shard.name, [(result.ids, result.vectors)], emb.model_id, int(result.vectors.shape[1]))
         else:
-            wh.delete_partition("embeddings", "shard", shard.name)
-        rows += df.height
+            delete_embeddings(wh, shard.name)
+        rows += n_vec
         failures.extend(result.failures)
-        missing += len(ok_ids) - df.height - len(result.failures)
+        missing += len(ok_ids) - n_vec - len(result.failures)
     seconds = time.perf_counter() - started
     fail_df = pl.DataFrame(
         failures, schema={"image_id": pl.String, "reason": pl.String, "error": pl.String}, orient="row"
@@ -124,23 +119,18 @@ def embeddings(
             "missing_from_shard": missing,
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / max(seconds, 1e-9), 1),
-            "storage": MetadataValue.text("DuckDB table embeddings, column embedding FLOAT[d]"),
+            "storage": MetadataValue.path(str(store.root)),
         }
     )
 
 
 def _guard_one_model(context, wh, model_id: str, shards: list[str], on_change: str) -> None:  # noqa: ANN001
-    """Refuse (or, with on_model_change='reset', clear) vectors of another model in other shards."""
-    if not wh.table_exists("embeddings"):
+    """Refuse (or, with on_model_change='reset', clear) vectors of another model in other partitions."""
+    other = {p: m for p, m in partition_models(wh).items() if p not in shards and m != model_id}
+    if not other:
         return
-    other = wh.query(
-        "SELECT model, count(*) AS n FROM embeddings WHERE NOT list_contains($shards, shard) "
-        "AND model <> $model GROUP BY model",
-        {"shards": shards, "model": model_id},
-    )
-    if not other.height:
-        return
-    n, models = int(other["n"].sum()), other["model"].to_list()
+    store = embedding_store(wh)
+    n, models = store.count(list(other)), sorted(set(other.values()))
     if on_change == "fail":
         raise ModelMismatchError(
             f"the warehouse holds {n} vectors of {models} but this run embeds with {model_id!r}; "
@@ -149,8 +139,56 @@ def _guard_one_model(context, wh, model_id: str, shards: list[str], on_change: s
             f"or go back to the previous embedder."
         )
     context.log.warning(f"deleting {n} vectors of {models}: every shard must be re-embedded with {model_id}")
-    with wh.connect() as con:
-        con.execute("DELETE FROM embeddings WHERE model <> ?", [model_id])
+    for partition in other:
+        delete_embeddings(wh, partition)
+
+
+def _import_external(context, dataset: DatasetResource, embedder: EmbedderResource, wh, store, keys: list[str]):  # noqa: ANN001, ANN202
+    """Copy the vectors of clip-retrieval file pairs into the store: the rows image_index marked ok,
+    L2-normalized, streamed in batches from the memory-mapped npy."""
+    if embedder.kind != "external":
+        raise RuntimeError(
+            f"the dataset holds external embeddings but the embedder is {embedder.kind!r}; set the embedder "
+            f"resource's kind to 'external' (dedup-assets run --embeddings does)"
+        )
+    model_id = embedder.model_id
+    _guard_one_model(context, wh, model_id, keys, embedder.on_model_change)
+    parts = {p.partition: p for p in discover_parts(dataset.root)}
+    started = time.perf_counter()
+    rows = 0
+    skipped = 0
+    for key in keys:
+        if key not in parts:
+            raise EmbeddingsInputError(f"no file pair for partition {key!r} under {dataset.root}")
+        part = parts[key]
+        x = open_vectors(part)
+        others = [p for p in store.partitions() if p not in keys]
+        dim = store.dim() if others else None
+        if dim is not None and x.shape[1] != dim:
+            raise EmbeddingsInputError(
+                f"{part.npy} has dimension {x.shape[1]} but the store holds {dim}-d vectors "
+                f"(partitions {others[:3]}): all files must come from one model"
+            )
+        ok_ids = set(read_image_index(wh, key, status="ok")["image_id"].to_list())
+        t0 = time.perf_counter()
+        n = write_embeddings(wh, key, iter_ok_vectors(part, ok_ids, dataset.batch_rows), model_id, int(x.shape[1]))
+        rows += n
+        skipped += int(x.shape[0]) - n
+        dt = time.perf_counter() - t0
+        context.log.info(f"[{key}] stored {n} of {x.shape[0]} vectors ({x.dtype}) in {dt:.2f}s ({n / max(dt, 1e-9):.0f}/s)")
+    seconds = time.perf_counter() - started
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "model": model_id,
+            "dimension": store.dim() or 0,
+            "source": MetadataValue.text(f"external embeddings under {dataset.root}"),
+            "rows_without_vector": skipped,
+            "seconds": round(seconds, 3),
+            "vectors_per_second": round(rows / max(seconds, 1e-9), 1),
+            "storage": MetadataValue.path(str(store.root)),
+        }
+    )
 
 
 @asset_check(asset=embeddings, description="Every stored vector is unit-norm and all come from one model.")

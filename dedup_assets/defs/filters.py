@@ -12,9 +12,10 @@ from dedup_assets.defs.metadata import counts_md, markdown_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
 from dedup_assets.defs.resources import WarehouseResource
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
-from dedup_assets.filters.run import run_prefilter, summarize_prefilter
+from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
 from dedup_assets.ingest.decode import decode_rgb
 from dedup_assets.ingest.shards import read_location
+from dedup_assets.tables import read_image_index
 
 GROUP = "filters"
 
@@ -70,9 +71,14 @@ def prefilter(
     wh = warehouse.get()
     started = time.perf_counter()
     frames = []
+    no_image = 0
     for shard in context.partition_keys:
-        index = wh.query("SELECT * FROM image_index WHERE shard = $shard ORDER BY image_id", {"shard": shard})
+        index = read_image_index(wh, shard)
         part = run_prefilter(index, cfg, load_image=_load_image, log=context.log.info)
+        no_image += sum(  # external embeddings: image-only rules were skipped on these rows
+            st == "ok" and not has_image_data(f, b)
+            for f, b, st in zip(index["format"].to_list(), index["bytes"].to_list(), index["status"].to_list())
+        )
         wh.replace_partition("prefilter", part, "shard", shard)
         frames.append(part)
     df = pl.concat(frames) if frames else pl.DataFrame()
@@ -88,6 +94,7 @@ def prefilter(
             "removed_by_reason": counts_md(removed_by),
             "examples_by_reason": MetadataValue.json(summary.get("examples", {})),
             "thresholds": MetadataValue.json(cfg.describe()),
+            "image_rules_skipped_no_image_data": MetadataValue.int(no_image),
             "seconds": round(seconds, 3),
             "preview": markdown_preview(
                 df.filter(~pl.col("passed")).with_columns(pl.col("reasons").list.join(","))

@@ -26,8 +26,11 @@ from dagster import (
 from dedup_assets.defs.metadata import counts_md, markdown_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, SHARDS_PARTITIONS_NAME, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, WarehouseResource
+from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, validate_parts
+from dedup_assets.ingest.clip_retrieval import index_frame as clip_index_frame
 from dedup_assets.ingest.index import index_shard, summarize_index
 from dedup_assets.ingest.shards import discover_shards, find_shard
+from dedup_assets.tables import write_image_index
 
 GROUP = "ingest"
 
@@ -52,6 +55,8 @@ def image_index(
     rejected: dict[str, int] = {}
     frames = []
     # A backfill may hand this run several shards (BackfillPolicy below); each is its own transaction.
+    if dataset.is_external:
+        return _index_external(context, dataset, wh)
     for shard_name in context.partition_keys:
         shard = find_shard(dataset.root, shard_name)
         t0 = time.perf_counter()
@@ -60,7 +65,7 @@ def image_index(
             context.log.info(f"[{name}] indexed {n} files ({n / max(elapsed, 1e-9):.1f} files/s)")
 
         df = index_shard(shard, limits=dataset.limits, workers=dataset.index_workers, progress=progress)
-        wh.replace_partition("image_index", df, "shard", shard.name)
+        write_image_index(wh, shard.name, df)
         summary = summarize_index(df)
         for reason, n in summary.get("rejected_by_reason", {}).items():
             rejected[reason] = rejected.get(reason, 0) + int(n)
@@ -90,6 +95,50 @@ def image_index(
     )
 
 
+def _index_external(context: AssetExecutionContext, dataset: DatasetResource, wh) -> MaterializeResult:  # noqa: ANN001
+    """image_index of clip-retrieval file pairs: one row per metadata row, bad vectors recorded."""
+    started = time.perf_counter()
+    parts = {p.partition: p for p in discover_parts(dataset.root)}
+    validate_parts(list(parts.values()))  # headers only: row counts per pair, one dimension for all files
+    per_part: dict[str, dict] = {}
+    last = None
+    for key in context.partition_keys:
+        if key not in parts:
+            raise EmbeddingsInputError(f"no file pair for partition {key!r} under {dataset.root}")
+        part = parts[key]
+        t0 = time.perf_counter()
+        df, stats = clip_index_frame(part, batch_rows=dataset.batch_rows)
+        write_image_index(wh, key, df)
+        per_part[key] = {**vars(stats), "npy": str(part.npy), "metadata": str(part.metadata)}
+        context.log.info(
+            f"[{key}] {stats.rows} rows ({stats.ok} ok, {stats.non_finite} NaN/Inf, {stats.zero_vector} zero, "
+            f"{stats.duplicate_key} repeated keys; {stats.renormalized} not unit-norm) in {time.perf_counter() - t0:.2f}s"
+        )
+        last = df
+    seconds = time.perf_counter() - started
+    rows = sum(v["rows"] for v in per_part.values())
+    rejected = {
+        reason: sum(v[field] for v in per_part.values())
+        for reason, field in (("bad_embedding:non_finite", "non_finite"), ("bad_embedding:zero_vector", "zero_vector"),
+                              ("duplicate_key", "duplicate_key"))
+    }
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "source": MetadataValue.text(f"external embeddings (clip-retrieval layout) under {dataset.root}"),
+            "ok": sum(v["ok"] for v in per_part.values()),
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": counts_md({k: v for k, v in rejected.items() if v}),
+            "not_unit_norm_renormalized": sum(v["renormalized"] for v in per_part.values()),
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(rows / max(seconds, 1e-9), 1),
+            "partitions": MetadataValue.json(per_part),
+            "preview": markdown_preview(last.select("image_id", "status", "error", "caption", "url"))
+            if last is not None else MetadataValue.md("_(no partition)_"),
+        }
+    )
+
+
 @asset_check(asset=image_index, description="image_id is unique within the shard's rows.")
 def image_index_ids_unique(context, warehouse: WarehouseResource) -> AssetCheckResult:
     dupes = warehouse.get().query(
@@ -112,9 +161,16 @@ shard_job = define_asset_job(
 
 
 def new_shards(dataset: DatasetResource, known: set[str]) -> tuple[list[str], list[str]]:
-    """Shard names on disk not in `known`, and the rejected shard paths with their reasons."""
+    """Partition keys on disk not in `known` (shards, or emb_{i} file pairs of external embeddings),
+    and the rejected paths with their reasons."""
     if not dataset.root.exists():
         return [], [f"{dataset.root}: dataset root does not exist"]
+    if dataset.is_external:
+        try:
+            parts = discover_parts(dataset.root)
+        except EmbeddingsInputError as e:
+            return [], [str(e)]
+        return [p.partition for p in parts if p.partition not in known], []
     shards, rejected = discover_shards(dataset.root)
     return (
         [s.name for s in shards if s.name not in known],

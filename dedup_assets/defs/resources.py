@@ -31,12 +31,27 @@ class WarehouseResource(ConfigurableResource):
 
 
 class DatasetResource(ConfigurableResource):
-    """Where the shards (and, optionally, a model's generated images) live."""
+    """Where the data lives: shards of images, or embeddings made elsewhere (clip-retrieval layout),
+    and optionally what a model generated (images, or vectors in the same layout) for the audit."""
 
-    source: str = Field(description="Dataset root: one folder or WebDataset tar per shard.")
+    source: str = Field(
+        description="Dataset root: one folder or WebDataset tar per shard, or (source_kind "
+        "'embeddings') a clip-retrieval folder with img_emb/ and metadata/."
+    )
+    source_kind: Literal["shards", "embeddings"] = Field(
+        default="shards",
+        description="'shards' (images; partitions = shards) or 'embeddings' (vectors made elsewhere; "
+        "partitions = img_emb_{i}.npy + metadata_{i}.parquet pairs, keyed emb_{i}; no image is read).",
+    )
     generated: str | None = Field(
         default=None, description="Folder of images a model generated, for the regurgitation audit."
     )
+    generated_embeddings: str | None = Field(
+        default=None,
+        description="Vectors of generated images in the clip-retrieval layout, audited instead of "
+        "`generated` (with source_kind 'embeddings').",
+    )
+    batch_rows: int = Field(default=65536, description="Vectors per batch when reading external embeddings.")
     max_pixels: int = Field(
         default=89_478_485,
         description="Images above this many pixels are rejected before decoding (bounded memory).",
@@ -51,6 +66,11 @@ class DatasetResource(ConfigurableResource):
         return Path(self.source)
 
     @property
+    def is_external(self) -> bool:
+        """True when the vectors come from elsewhere (no image files)."""
+        return self.source_kind == "embeddings"
+
+    @property
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_decodable_side)
 
@@ -63,8 +83,18 @@ class EmbedderResource(ConfigurableResource):
     says what to do; there is no silent fallback to another model.
     """
 
-    kind: Literal["offline", "openclip"] = Field(
-        default="offline", description="'offline' (built in, no weights) or 'openclip'."
+    kind: Literal["offline", "openclip", "external"] = Field(
+        default="offline",
+        description="'offline' (built in, no weights), 'openclip', or 'external' (vectors made elsewhere, "
+        "read from the dataset's embeddings; nothing is embedded here).",
+    )
+    model_id: str = Field(
+        default="external", description="Model id recorded with external vectors (kind 'external')."
+    )
+    threshold: float | None = Field(
+        default=None,
+        description="Near-copy cosine τ of dedup and audit for this embedder (--threshold); None = the "
+        "embedder's calibrated value. Required for kind 'external'.",
     )
     model: str = Field(default="ViT-B-32", description="open_clip model name.")
     pretrained: str | None = Field(
@@ -92,9 +122,15 @@ class EmbedderResource(ConfigurableResource):
     _embedder: Embedder | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        self._embedder = self.build()
+        if self.kind != "external":  # external vectors: there is no model to load
+            self._embedder = self.build()
 
     def build(self) -> Embedder:
+        if self.kind == "external":
+            raise RuntimeError(
+                "the embedder is 'external': vectors come from the dataset's embeddings folder and no "
+                "image can be embedded here; audit generated vectors with --generated-embeddings DIR"
+            )
         if self.kind == "offline":
             from dedup_assets.embed.offline import OfflineEmbedder
 
@@ -119,8 +155,14 @@ class EmbedderResource(ConfigurableResource):
             self._embedder = self.build()
         return self._embedder
 
-    def duplicate_threshold(self) -> float:
-        """The embedder's calibrated near-copy cosine, without loading model weights."""
+    def recorded_model_id(self) -> str:
+        """The model id stored with this embedder's vectors (builds the model unless external)."""
+        return self.model_id if self.kind == "external" else self.get().model_id
+
+    def calibrated_threshold(self) -> float | None:
+        """The embedder's calibrated near-copy cosine, without loading model weights (None: external)."""
+        if self.kind == "external":
+            return None
         if self._embedder is not None:
             return float(self._embedder.duplicate_threshold)
         if self.kind == "offline":
@@ -135,13 +177,21 @@ class EmbedderResource(ConfigurableResource):
 
 def resources_from_settings(settings: Settings) -> dict[str, ConfigurableResource]:
     """The resource set for one configuration (used by `definitions.py` and the CLI)."""
+    external = settings.embeddings is not None
     return {
         "warehouse": WarehouseResource(path=settings.warehouse),
-        "dataset": DatasetResource(source=settings.source, generated=settings.generated),
+        "dataset": DatasetResource(
+            source=settings.embeddings if external else settings.source,
+            source_kind="embeddings" if external else "shards",
+            generated=settings.generated,
+            generated_embeddings=settings.generated_embeddings,
+        ),
         "embedder": EmbedderResource(
-            kind=settings.embedder,  # type: ignore[arg-type]
+            kind="external" if external else settings.embedder,  # type: ignore[arg-type]
             model=settings.model,
             pretrained=settings.pretrained,
             device=settings.device,  # type: ignore[arg-type]
+            model_id=settings.model_id,
+            threshold=settings.threshold,
         ),
     }

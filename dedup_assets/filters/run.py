@@ -3,6 +3,9 @@
 Grain: one output row per index row (every file of the shard, decodable or not): whether it
 passed, every reason it failed, and the scores behind the reasons (PREFILTER_SCHEMA).
 
+Rows without image data (external embeddings, `has_image_data`) get the caption rules only, plus
+the size rules when the metadata gave width and height.
+
 Order and cost: rows that did not decode fail with `decode:<status>` and nothing else runs on
 them. The image rules and caption rules are pure and cheap; the profanity and language models
 each score all captions in one batch call; the NSFW detector, the only filter that reads pixels,
@@ -87,6 +90,15 @@ def _batched(
     return results
 
 
+def has_image_data(fmt: str | None, file_bytes: int | None) -> bool:
+    """False for rows without an image file (external embeddings: no format, no byte count).
+
+    On those rows the image-only rules are skipped: format and file size always, minimum side and
+    aspect ratio unless the metadata gave width and height, and the NSFW detector (no pixels).
+    """
+    return not (fmt is None and file_bytes is None)
+
+
 def run_prefilter(
     index: pl.DataFrame,
     cfg: PrefilterConfig,
@@ -124,7 +136,12 @@ def run_prefilter(
             continue
         ok.append(i)
         try:
-            reasons[i] += image_reasons(col["format"][i], col["width"][i], col["height"][i], col["bytes"][i], cfg)
+            if has_image_data(col["format"][i], col["bytes"][i]):
+                reasons[i] += image_reasons(col["format"][i], col["width"][i], col["height"][i], col["bytes"][i], cfg)
+            elif col["width"][i] is not None and col["height"][i] is not None:
+                # external embeddings with a known size: the size rules apply, the format/file rules cannot
+                reasons[i] += [r for r in image_reasons(None, col["width"][i], col["height"][i], None, cfg)
+                               if r != "format"]
         except Exception as e:
             errors.add("image", e)
             reasons[i].append("error:image")
@@ -178,7 +195,7 @@ def run_prefilter(
         from dedup_assets.filters.content import get_scorer
 
         scorer = get_scorer(cfg.nsfw_batch_size)
-        todo = [i for i in ok if not reasons[i]]
+        todo = [i for i in ok if not reasons[i] and has_image_data(col["format"][i], col["bytes"][i])]
         for start in range(0, len(todo), cfg.nsfw_batch_size):
             rows, images = [], []
             for i in todo[start : start + cfg.nsfw_batch_size]:
