@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import polars as pl
 from dagster import DagsterInstance
 
 from dedup_assets_tests.conftest import SmallDataset
@@ -66,3 +68,84 @@ def test_openclip_hub_tag_fails_fast_with_instructions(small_dataset: SmallDatas
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "--embedder offline" in out and "Traceback" not in out
+
+
+def _byo_dataset(root: Path, gen_root: Path) -> tuple[set[tuple[str, str]], list[str]]:
+    """2 file pairs × 300 vectors (float16 and float32) with planted near-copies (cosine 0.97),
+    one NaN row and one zero row; generated vectors: 2 near-copies of training rows, 1 novel."""
+    from dedup_assets.dedup.synthetic import perturb_to_cosine
+    from dedup_assets.synth.clip_layout import laion_metadata, write_clip_pair
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[300:320] = perturb_to_cosine(x[0:20], np.full(20, 0.97), rng)  # copies across the two files
+    x[40:50] = perturb_to_cosine(x[30:40], np.full(10, 0.97), rng)  # copies inside the first file
+    x[5] = np.nan  # a base whose vector is broken: its pair cannot exist
+    x[307] = 0.0  # a copy whose vector is zero
+    meta = [laion_metadata(300, 0), laion_metadata(300, 1)]
+    write_clip_pair(root, 0, x[:300].astype(np.float16), meta[0])
+    write_clip_pair(root, 1, x[300:], meta[1])
+    ids = [f"emb_{p}/{k}" for p in (0, 1) for k in meta[p]["key"].to_list()]
+    xs = np.concatenate([x[:300].astype(np.float16).astype(np.float32), x[300:]])
+    good = np.isfinite(xs).all(axis=1) & (np.abs(xs).sum(axis=1) > 0)
+    xs[good] /= np.linalg.norm(xs[good], axis=1, keepdims=True)
+    sims = np.where(good[:, None] & good[None, :], xs @ xs.T, -1.0)
+    exact = {tuple(sorted((ids[i], ids[j]))) for i, j in zip(*np.nonzero(np.triu(sims, 1) >= 0.9))}
+    novel = rng.standard_normal((1, 32)).astype(np.float32)
+    write_clip_pair(gen_root, 0, np.concatenate([x[[10, 100]], novel / np.linalg.norm(novel)]),
+                    {"key": ["copy10", "copy100", "novel"], "caption": ["p1", "p2", "p3"]})
+    return exact, [ids[10], ids[100]]
+
+
+def test_run_with_own_embeddings_end_to_end(tmp_path: Path) -> None:
+    root, gen = tmp_path / "emb", tmp_path / "gen"
+    exact, copied = _byo_dataset(root, gen)
+    assert len(exact) == 28  # 30 planted, minus the NaN base's and the zero copy's
+    wh = tmp_path / "out" / "warehouse.duckdb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUP_ASSETS_") and k != "DAGSTER_HOME"}
+    base = _cli() + ["run", "--embeddings", str(root), "--warehouse", str(wh), "--dagster-home", str(tmp_path / "home")]
+    proc = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "pass --threshold T" in proc.stdout and "Traceback" not in proc.stdout
+    proc = subprocess.run(base + ["--threshold", "0.9", "--model-id", "clip-vit-b32", "--generated-embeddings", str(gen)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "[2/2] partition emb_1: 300 rows" in out and "check filtered_dataset_accounting passed" in out
+
+    with duckdb.connect(str(wh), read_only=True) as con:
+        def q(sql: str) -> list[tuple]:
+            return con.execute(sql).fetchall()
+
+        assert q("SELECT shard, status, count(*) FROM image_index GROUP BY ALL ORDER BY ALL") == [
+            ("emb_0", "bad_embedding", 1), ("emb_0", "ok", 299), ("emb_1", "bad_embedding", 1), ("emb_1", "ok", 299)]
+        assert q("SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'") == [("VIEW",)]
+        assert q("SELECT model, count(*) FROM embeddings GROUP BY model") == [("clip-vit-b32", 598)]
+        pairs = {(a, b) for a, b in q("SELECT image_a, image_b FROM candidate_pairs")}
+        assert pairs == exact
+        groups = q("SELECT count(*) FILTER (WHERE is_keeper), count(*) FROM duplicate_groups")
+        assert groups == [(28, 56)]
+        removed = dict(q("SELECT split_part(reason, ':', 1), count(*) FROM removed_images GROUP BY 1"))
+        assert removed == {"decode": 2, "duplicate_of": 28}
+        kept = q("SELECT count(*), round(avg(weight), 6) FROM filtered_dataset")
+        assert kept == [(570, 1.0)]
+        flagged = q("SELECT generated, image_id FROM regurgitation_audit WHERE flagged AND rank = 1 ORDER BY generated")
+        n_flagged = q("SELECT count(DISTINCT generated) FROM regurgitation_audit WHERE flagged")
+    assert flagged == [("emb_0/copy10", copied[0]), ("emb_0/copy100", copied[1])] and n_flagged == [(2,)]
+    manifest = pl.read_parquet(wh.parent / "warehouse_files" / "filtered_dataset.parquet")
+    assert manifest.height == 570 and {"image_id", "caption", "weight"} <= set(manifest.columns)
+    assert sorted(p.name for p in (wh.parent / "warehouse_files" / "embeddings").iterdir()) == [
+        "emb_0.parquet", "emb_1.parquet"]
+
+
+def test_run_with_own_embeddings_names_the_bad_file(tmp_path: Path) -> None:
+    from dedup_assets.synth.clip_layout import laion_metadata, write_clip_pair
+
+    root = tmp_path / "emb"
+    write_clip_pair(root, 0, np.ones((4, 8), np.float32), laion_metadata(5, 0))
+    proc = subprocess.run(
+        _cli() + ["run", "--embeddings", str(root), "--threshold", "0.9", "--warehouse", str(tmp_path / "w.duckdb"),
+                  "--dagster-home", str(tmp_path / "home")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "img_emb_0.npy has 4 rows but" in proc.stdout and "metadata_0.parquet has 5" in proc.stdout

@@ -15,6 +15,7 @@ from dedup_assets.defs.embed import embeddings
 from dedup_assets.defs.ingest import image_index
 from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
 from dedup_assets.settings import Settings
+from dedup_assets.tables import embedding_store, embeddings_kind
 from dedup_assets.warehouse import Warehouse
 from dedup_assets_tests.conftest import SmallDataset
 
@@ -70,6 +71,11 @@ def test_embeddings_vectors_read_back(small_dataset: SmallDataset, tmp_path: Pat
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4)
     models = wh.query("SELECT DISTINCT model FROM embeddings")["model"].to_list()
     assert len(models) == 1 and models[0].startswith("dedup-assets/offline")
+    # the vectors live in the store, one Parquet file per shard; DuckDB sees them through a view
+    store = embedding_store(wh)
+    assert sorted(p.name for p in store.root.iterdir()) == ["s0.parquet", "s1.parquet"]
+    assert store.count() == len(ok_ids)
+    assert embeddings_kind(wh) == "VIEW"
 
 
 def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
@@ -122,8 +128,9 @@ def test_changing_the_embedder_fails_instead_of_mixing_models(
     settings = _settings(small_dataset, tmp_path)
     _materialize_shards(small_dataset, settings, instance, [image_index, embeddings])
     wh = Warehouse(settings.warehouse)
-    with wh.connect() as con:  # pretend shard s1 was embedded by another model
-        con.execute("UPDATE embeddings SET model = 'open_clip/other' WHERE shard = 's1'")
+    store = embedding_store(wh)  # pretend shard s1 was embedded by another model
+    store.write_partition("s1", *store.read_partition("s1"), model="open_clip/other")
+    assert wh.query("SELECT DISTINCT model FROM embeddings WHERE shard = 's1'")["model"].to_list() == ["open_clip/other"]
     resources = build_resources(settings)
     result = materialize(
         [image_index, embeddings], selection=[embeddings], partition_key="s0", resources=resources,

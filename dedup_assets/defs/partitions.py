@@ -1,4 +1,5 @@
-"""Shards are partitions: one dynamic partition per shard folder or tar under the dataset root."""
+"""Shards are partitions: one dynamic partition per shard folder or tar under the dataset root, or
+per img_emb_{i}.npy + metadata_{i}.parquet pair (key emb_{i}) of external embeddings."""
 
 from dagster import BackfillPolicy, DynamicPartitionsDefinition
 
