@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,nsfw
+# `cpu` = faiss-cpu (k-means/assignment on the CPU). On a machine with its own faiss GPU build use
+# EXTRAS=gpu,dev (README, "GPU").
+EXTRAS ?= cpu,dev,nsfw
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export DAGSTER_HOME := $(CURDIR)

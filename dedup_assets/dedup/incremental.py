@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dedup_assets.dedup.kernels import block_comparisons, block_pairs
 from dedup_assets.dedup.pairs import Pairs
 
 __all__ = ["needs_refit", "pairs_with_new"]
@@ -38,12 +39,14 @@ def pairs_with_new(
     threshold: float,
     block_size: int = 4096,
     clustering_index: int = 0,
+    device: str = "cpu",
 ) -> Pairs:
     """Every pair with cosine ≥ threshold that shares a cluster and involves at least one new row.
 
     x: (n, d) unit rows; labels/labels2: cluster of every row (old and new); is_new: (n,) bool.
-    Pairs come back with i < j, unique, found_by = 1 << clustering_index. Memory per step is
-    block_size × cluster size similarities.
+    Pairs come back with i < j, unique, found_by = 1 << clustering_index. Each cluster is one
+    `kernels.block_pairs` call (its new rows against all its rows, on `device`): memory per step
+    is one cluster's rows plus block_size² similarities.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
@@ -76,18 +79,14 @@ def pairs_with_new(
         new_members = members[is_new[members]]
         if new_members.size == 0 or members.size < 2:
             continue
-        xm = x[members]
-        for b in range(0, new_members.size, block_size):
-            q = new_members[b : b + block_size]
-            sims = x[q] @ xm.T
-            comparisons += sims.size
-            qi, mj = np.nonzero(sims >= threshold)
-            a, c = q[qi], members[mj]
-            ok = a != c
-            a, c, sv = a[ok], c[ok], sims[qi[ok], mj[ok]]
-            out_i.append(np.minimum(a, c))
-            out_j.append(np.maximum(a, c))
-            out_s.append(sv.astype(np.float32))
+        qi, mj, sv = block_pairs(x[new_members], x[members], threshold, device=device, block_size=block_size)
+        comparisons += block_comparisons(new_members.size, members.size, block_size)
+        a, c = new_members[qi], members[mj]
+        ok = a != c
+        a, c, sv = a[ok], c[ok], sv[ok]
+        out_i.append(np.minimum(a, c))
+        out_j.append(np.maximum(a, c))
+        out_s.append(sv)
     if not out_i:
         return Pairs(
             i=np.zeros(0, np.int64), j=np.zeros(0, np.int64), sim=np.zeros(0, np.float32),

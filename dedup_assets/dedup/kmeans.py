@@ -13,6 +13,15 @@ Cost model (d = 512, faiss-cpu on 2 cores): fitting costs ∝ subset · K · nit
 clusters). Assignment and pair search balance at K ≈ sqrt(β · n), hence `choose_k`; training
 on ~40 points per centroid is enough to place boundaries (we need a partition, not good
 centroids), which keeps the fit about as cheap as one assignment pass at every n.
+
+Backends, chosen by device (`kernels.resolve_device`): on the CPU faiss (the `cpu` extra,
+faiss-cpu) fits and assigns; on a CUDA device torch does both (`_torch_kmeans`,
+`_torch_assign_many`) — faiss GPU is never used, because the faiss-gpu-cu12 wheels carry no
+kernels for Hopper (sm_90) and faiss aborts the process on CUDA errors. The torch k-means is the
+same algorithm as faiss's (random initial centroids drawn from the training points, Lloyd
+iterations, centroids renormalized to the unit sphere), so both give the same partition from the
+same initial centroids; from their own random starts they reach equally good partitions, not
+identical ones (the pair search that follows is exact either way).
 """
 
 from __future__ import annotations
@@ -20,18 +29,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
+
+from dedup_assets.dedup.kernels import fp32_matmul_precision, resolve_device, validate_device
 
 __all__ = [
     "Clustering",
     "ClusteringConfig",
     "assign",
+    "assign_many",
     "choose_k",
     "default_subset_size",
     "fit_clusterings",
-    "resolve_faiss_device",
 ]
 
 MAX_CLUSTERINGS = 8  # found_by is a uint8 bitmask, one bit per clustering
@@ -83,8 +94,8 @@ class ClusteringConfig:
             clusterings found 96% of the pairs (0.025× brute-force time), five soft ones 99.6%
             (0.06×): turn it on for large n when recall matters.
         seed: base random seed.
-        device: "auto" (faiss GPU when a GPU and the faiss GPU build are present, else CPU),
-            "cpu", or "cuda" (fails when faiss cannot use a GPU).
+        device: "auto" (this process's GPU when torch sees one, else the CPU), "cpu" (faiss),
+            "cuda" or "cuda:N" (torch on that GPU; fails without one) — `kernels.resolve_device`.
     """
 
     n_clusterings: int = 5
@@ -109,8 +120,7 @@ class ClusteringConfig:
             raise ValueError(f"niter must be >= 1, got {self.niter}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        validate_device(self.device)
 
 
 @dataclass
@@ -128,29 +138,16 @@ class Clustering:
 
 
 def _faiss():
-    import faiss  # deferred: importing faiss costs ~0.3 s and the module is optional for callers
-
-    return faiss
-
-
-def resolve_faiss_device(device: str) -> str:
-    """"cuda" when faiss can use a GPU (and device allows it), else "cpu"; explicit "cuda" without one fails."""
-    if device == "cpu":
-        return "cpu"
-    if device not in ("auto", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    faiss = _faiss()
-    has_gpu_build = hasattr(faiss, "StandardGpuResources")
-    n_gpus = faiss.get_num_gpus() if has_gpu_build else 0
-    if n_gpus > 0:
-        return "cuda"
-    if device == "cuda":
-        why = "the installed faiss is the CPU build" if not has_gpu_build else "faiss sees no GPU"
+    """The faiss module (CPU build); a clear error naming the extra when it is missing."""
+    try:
+        import faiss  # deferred: importing faiss costs ~0.3 s and only the CPU path needs it
+    except ImportError as exc:
         raise RuntimeError(
-            f"device='cuda' was requested for k-means but {why}; install the `gpu` extra "
-            "(faiss-gpu, after `pip uninstall faiss-cpu`) on a machine with a GPU, or use device='auto' or 'cpu'"
-        )
-    return "cpu"
+            "k-means and centroid assignment on the CPU use faiss, which is not installed: "
+            "`pip install -e '.[cpu]'` (faiss-cpu; `make` installs it), or run on a GPU with "
+            "device='cuda' (torch does k-means there)"
+        ) from exc
+    return faiss
 
 
 def _as_matrix(x: np.ndarray) -> np.ndarray:
@@ -167,17 +164,8 @@ def _unit_rows(c: np.ndarray) -> np.ndarray:
     return c / norms
 
 
-def assign(
-    x: np.ndarray, centroids: np.ndarray, soft: bool, device: str = "cpu"
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Nearest (and, when soft, second-nearest) centroid of every row by inner product.
-
-    Returns int32 labels of shape (n,); labels2 is None unless soft. With a single centroid the
-    second label equals the first (there is no other cluster to share).
-    """
-    x = _as_matrix(x)
-    centroids = _as_matrix(centroids)
-    n, k = x.shape[0], centroids.shape[0]
+def _trivial_assignment(n: int, k: int, soft: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The answer when there is nothing to search (no rows or at most one centroid), else None."""
     if k == 0:
         if n:
             raise ValueError("cannot assign vectors to zero centroids")
@@ -186,16 +174,146 @@ def assign(
     if k == 1 or n == 0:
         labels = np.zeros(n, dtype=np.int32)
         return labels, (labels.copy() if soft else None)
-    if centroids.shape[1] != x.shape[1]:
-        raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
-    faiss = _faiss()
-    index = faiss.IndexFlatIP(x.shape[1])
-    if resolve_faiss_device(device) == "cuda":
-        index = faiss.index_cpu_to_all_gpus(index)
+    return None
+
+
+def _faiss_assign(x: np.ndarray, centroids: np.ndarray, soft: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    # A flat CPU index over the centroids only (small); it never moves to a GPU.
+    index = _faiss().IndexFlatIP(x.shape[1])
     index.add(centroids)
     _, ids = index.search(x, 2 if soft else 1)
-    labels = ids[:, 0].astype(np.int32)
-    return labels, (ids[:, 1].astype(np.int32) if soft else None)
+    return ids[:, 0].astype(np.int32), (ids[:, 1].astype(np.int32) if soft else None)
+
+
+def _chunk_rows(k_total: int, budget_floats: int = 1 << 26) -> int:
+    """Rows per similarity chunk so that a chunk × k_total float32 matrix stays near 256 MB."""
+    return max(1, budget_floats // max(1, k_total))
+
+
+def _torch_assign_many(
+    x: np.ndarray, centroids_list: Sequence[np.ndarray], soft: bool, device: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Nearest and second-nearest centroid of every row for several centroid sets in one pass:
+    the sets are stacked into one matrix, so each chunk of rows is one GEMM (IEEE float32, no
+    TF32, so near-ties are decided as on the CPU) followed by a top-2 per set. Rows move to the
+    device one chunk at a time; only the int32 labels come back."""
+    import torch
+
+    dev = torch.device(device)
+    sizes = [c.shape[0] for c in centroids_list]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    n = x.shape[0]
+    top = [(np.empty(n, np.int32), np.empty(n, np.int32)) for _ in sizes]
+    chunk = _chunk_rows(int(offsets[-1]))
+    with torch.inference_mode(), fp32_matmul_precision():
+        c = torch.from_numpy(np.concatenate(list(centroids_list), axis=0)).to(dev)
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            s = torch.from_numpy(x[r0:r1]).to(dev) @ c.T
+            for t, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+                idx = torch.topk(s[:, lo:hi], 2 if soft else 1, dim=1).indices.to(torch.int32).cpu().numpy()
+                top[t][0][r0:r1] = idx[:, 0]
+                if soft:
+                    top[t][1][r0:r1] = idx[:, 1]
+    return top
+
+
+def assign_many(
+    x: np.ndarray, centroids_list: Sequence[np.ndarray], soft: bool = True, device: str = "cpu"
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """`assign` of one chunk of vectors (e.g. one shard) to the centroids of several clusterings.
+
+    Returns one (labels, labels2) per centroid set, in order (labels2 None unless soft). On a
+    CUDA device all sets are searched in one pass over the rows (`_torch_assign_many`); on the
+    CPU each set is one faiss flat search over the chunk.
+    """
+    x = _as_matrix(x)
+    sets = [_as_matrix(c) for c in centroids_list]
+    for c in sets:
+        if c.shape[0] and c.shape[1] != x.shape[1]:
+            raise ValueError(f"centroids have dimension {c.shape[1]} but x has {x.shape[1]}")
+    out: list[tuple[np.ndarray, np.ndarray | None] | None] = [
+        _trivial_assignment(x.shape[0], c.shape[0], soft) for c in sets
+    ]
+    todo = [t for t, r in enumerate(out) if r is None]
+    if todo:
+        resolved = resolve_device(device)
+        if resolved == "cpu":
+            for t in todo:
+                out[t] = _faiss_assign(x, sets[t], soft)
+        else:
+            found = _torch_assign_many(x, [sets[t] for t in todo], soft, resolved)
+            for t, (labels, labels2) in zip(todo, found):
+                out[t] = (labels, labels2 if soft else None)
+    return out  # type: ignore[return-value]
+
+
+def assign(
+    x: np.ndarray, centroids: np.ndarray, soft: bool, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Nearest (and, when soft, second-nearest) centroid of every row by inner product.
+
+    Returns int32 labels of shape (n,); labels2 is None unless soft. With a single centroid the
+    second label equals the first (there is no other cluster to share).
+    """
+    return assign_many(x, [centroids], soft=soft, device=device)[0]
+
+
+def _torch_kmeans(
+    train: np.ndarray, k: int, niter: int, seed: int, device: str, init: np.ndarray | None = None
+) -> np.ndarray:
+    """Spherical k-means in torch (the GPU path of `fit_clusterings`; runs on any torch device).
+
+    Initial centroids: k distinct training points drawn with numpy's generator seeded by `seed`
+    (or `init`). Each iteration assigns every training point to its nearest centroid by inner
+    product (IEEE float32), sums each cluster's points and renormalizes the sums to unit length.
+    A cluster left empty takes the training point worst served by its centroid, so K stays K.
+    The training sample (40 · K rows by default) lives on the device; nothing else does.
+    """
+    import torch
+
+    n, d = train.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of training points ({n}), got {k}")
+    dev = torch.device(device)
+    chunk = _chunk_rows(k)
+    with torch.inference_mode(), fp32_matmul_precision():
+        x = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32)).to(dev)
+        if init is None:
+            picks = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+            c = x[torch.from_numpy(picks).to(dev)].clone()
+        else:
+            c = torch.from_numpy(_as_matrix(init)).to(dev)
+        labels = torch.empty(n, dtype=torch.int64, device=dev)
+        best = torch.empty(n, dtype=torch.float32, device=dev)
+        for _ in range(niter):
+            for r0 in range(0, n, chunk):
+                best[r0 : r0 + chunk], labels[r0 : r0 + chunk] = (x[r0 : r0 + chunk] @ c.T).max(dim=1)
+            sums = torch.zeros((k, d), dtype=torch.float32, device=dev).index_add_(0, labels, x)
+            empty = torch.bincount(labels, minlength=k) == 0
+            n_empty = int(empty.sum())
+            if n_empty:
+                worst = torch.topk(best, n_empty, largest=False).indices
+                sums[empty] = x[worst]
+            c = sums / torch.linalg.vector_norm(sums, dim=1, keepdim=True).clamp_min(1e-12)
+        return c.cpu().numpy()
+
+
+def _faiss_kmeans(train: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
+    """Spherical k-means with faiss on the CPU (the CPU path of `fit_clusterings`)."""
+    km = _faiss().Kmeans(
+        train.shape[1],
+        k,
+        niter=niter,
+        spherical=True,
+        seed=seed % (2**31),
+        verbose=False,
+        # We did the sampling ourselves; stop faiss from resampling or warning about it.
+        max_points_per_centroid=max(1, -(-train.shape[0] // k)),
+        min_points_per_centroid=1,
+    )
+    km.train(train, init_centroids=init)
+    return km.centroids
 
 
 def fit_clusterings(
@@ -205,7 +323,7 @@ def fit_clusterings(
     assign every row of x to each of them."""
     x = _as_matrix(x)
     n, d = x.shape
-    device = resolve_faiss_device(cfg.device)
+    device = resolve_device(cfg.device)
     k_wanted = cfg.k if cfg.k is not None else choose_k(n)
     subset_size = min(n, cfg.subset_size) if cfg.subset_size is not None else default_subset_size(n, k_wanted)
     # faiss needs at least k training points; with n < k every point becomes its own cluster.
@@ -219,21 +337,10 @@ def fit_clusterings(
             rng = np.random.default_rng(cfg.seed + c)
             subset = np.sort(rng.choice(n, size=subset_size, replace=False)) if subset_size < n else None
             train = x[subset] if subset is not None else x
-            faiss = _faiss()
-            km = faiss.Kmeans(
-                d,
-                k,
-                niter=cfg.niter,
-                spherical=True,
-                seed=int(cfg.seed + c) % (2**31),
-                gpu=device == "cuda",
-                verbose=False,
-                # We did the sampling ourselves; stop faiss from resampling or warning about it.
-                max_points_per_centroid=max(1, -(-subset_size // k)),
-                min_points_per_centroid=1,
-            )
-            km.train(train)
-            centroids = _unit_rows(km.centroids)
+            if device == "cpu":
+                centroids = _unit_rows(_faiss_kmeans(train, k, cfg.niter, int(cfg.seed + c)))
+            else:
+                centroids = _unit_rows(_torch_kmeans(train, k, cfg.niter, int(cfg.seed + c), device))
         fit_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         labels, labels2 = assign(x, centroids, cfg.soft, device=device)

@@ -4,27 +4,26 @@ Grain: a `Pairs` holds one entry per unordered pair of row indices (i < j) of th
 matrix `x` ((n, d) float32, unit-norm rows) whose cosine is at least the threshold.
 
 The search is exact within its scope: every pair that shares a cluster is compared with a
-dot product, in blocks of at most `block_size` × `block_size` so that a huge cluster never
-materializes its full similarity matrix. On a machine with a CUDA GPU the same blocks run
-through torch; otherwise numpy's BLAS does the work (both cores).
+dot product by `kernels.block_pairs`, one cluster per call, in blocks of at most `block_size` ×
+`block_size` so that a huge cluster never materializes its full similarity matrix. On a CUDA
+GPU the blocks are fp16 GEMMs re-scored in float32 near τ (same pairs as the CPU); otherwise
+numpy's BLAS does the work (all cores).
 """
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from dedup_assets.dedup.kernels import block_comparisons, block_pairs, check_search_args, resolve_device
 from dedup_assets.dedup.kmeans import _as_matrix  # one validation of (n, d) float32 input for both
 
 __all__ = [
     "Pairs",
     "brute_force_pairs",
     "pairs_within_clusters",
-    "resolve_torch_device",
     "union_pairs",
 ]
 
@@ -53,39 +52,6 @@ class Pairs:
         )
 
 
-def resolve_torch_device(device: str) -> str:
-    """"cuda" or "cpu" for the pair search; device="cuda" without a usable GPU raises.
-
-    "auto" only imports torch when the machine exposes a GPU device node, so CPU-only runs
-    don't pay torch's import time.
-    """
-    if device == "cpu":
-        return "cpu"
-    if device not in ("auto", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    has_node = bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/dxg") or glob.glob("/dev/kfd"))
-    if device == "auto" and not has_node:
-        return "cpu"
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-    if device == "cuda":
-        raise RuntimeError(
-            "device='cuda' was requested for the pair search but torch sees no CUDA GPU; "
-            "use device='auto' or 'cpu' on this machine"
-        )
-    return "cpu"
-
-
-def _check_common(threshold: float, block_size: int) -> None:
-    if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold is a cosine and must lie in [-1, 1], got {threshold}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-
-
 def _cluster_members(labels: np.ndarray, labels2: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows grouped by cluster: (rows sorted by (cluster, row), start offsets, end offsets).
 
@@ -108,123 +74,20 @@ def _cluster_members(labels: np.ndarray, labels2: np.ndarray | None) -> tuple[np
     return rows, starts, ends
 
 
-def _blocks(size: int, block_size: int) -> Iterator[tuple[int, int, int, int]]:
-    """Upper-triangular block grid of a size × size similarity matrix."""
-    for r0 in range(0, size, block_size):
-        r1 = min(size, r0 + block_size)
-        for c0 in range(r0, size, block_size):
-            yield r0, r1, c0, min(size, c0 + block_size)
+def _search(x: np.ndarray, members: np.ndarray | None, threshold: float, block_size: int, device: str, out: list) -> int:
+    """All pairs ≥ threshold among `members` (ascending row ids; None = every row), appended to
+    `out` as (i, j, sim) in row ids of x; returns the dot products computed."""
+    rows = x if members is None else x[members]
+    i, j, sim = block_pairs(rows, None, threshold, device=device, block_size=block_size)
+    if i.size:
+        out.append((i, j, sim) if members is None else (members[i], members[j], sim))
+    return block_comparisons(rows.shape[0], None, block_size)
 
 
-class _NumpySearch:
-    """Blocked threshold search on the CPU (numpy matmul → BLAS sgemm)."""
-
-    def __init__(self, x: np.ndarray, threshold: float, block_size: int) -> None:
-        self.x = x
-        self.t = np.float32(threshold)
-        self.b = block_size
-        self.out_i: list[np.ndarray] = []
-        self.out_j: list[np.ndarray] = []
-        self.out_s: list[np.ndarray] = []
-        self.comparisons = 0
-
-    def group(self, members: np.ndarray | None, size: int) -> None:
-        """All pairs among `members` (ascending row ids; None = all rows 0..size-1)."""
-        x, t = self.x, self.t
-        cached: tuple[int, np.ndarray] | None = None
-        for r0, r1, c0, c1 in _blocks(size, self.b):
-            if cached is None or cached[0] != r0:
-                a = x[r0:r1] if members is None else x[members[r0:r1]]
-                cached = (r0, a)
-            a = cached[1]
-            bm = a if c0 == r0 else (x[c0:c1] if members is None else x[members[c0:c1]])
-            s = a @ bm.T
-            self.comparisons += s.size
-            p, q = np.nonzero(s >= t)
-            if c0 == r0:  # diagonal block: keep the strict upper triangle (i < j, no self pairs)
-                keep = p < q
-                p, q = p[keep], q[keep]
-            if p.size:
-                self.out_s.append(s[p, q].astype(np.float32, copy=False))
-                gp, gq = p + r0, q + c0
-                self.out_i.append(gp.astype(np.int64) if members is None else members[gp])
-                self.out_j.append(gq.astype(np.int64) if members is None else members[gq])
-
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        if not self.out_i:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), self.comparisons
-        return (
-            np.concatenate(self.out_i),
-            np.concatenate(self.out_j),
-            np.concatenate(self.out_s),
-            self.comparisons,
-        )
-
-
-class _TorchSearch:
-    """The same blocked search with torch on a CUDA device (x is copied to the GPU once)."""
-
-    def __init__(self, x: np.ndarray, threshold: float, block_size: int) -> None:
-        import torch
-
-        self.torch = torch
-        self.x = torch.from_numpy(x).to("cuda")
-        self.t = float(np.float32(threshold))
-        self.b = block_size
-        self.out_i: list = []
-        self.out_j: list = []
-        self.out_s: list = []
-        self.comparisons = 0
-
-    def group(self, members: np.ndarray | None, size: int) -> None:
-        # TF32 matmuls (which another module may have switched on globally) round cosines to
-        # ~1e-3 and would move pairs across the threshold: force full float32 while we search.
-        matmul = self.torch.backends.cuda.matmul
-        saved = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            self._group(members, size)
-        finally:
-            matmul.allow_tf32 = saved
-
-    def _group(self, members: np.ndarray | None, size: int) -> None:
-        torch, x = self.torch, self.x
-        m = None if members is None else torch.from_numpy(members).to(x.device)
-        cached = None
-        for r0, r1, c0, c1 in _blocks(size, self.b):
-            if cached is None or cached[0] != r0:
-                cached = (r0, x[r0:r1] if m is None else x[m[r0:r1]])
-            a = cached[1]
-            bm = a if c0 == r0 else (x[c0:c1] if m is None else x[m[c0:c1]])
-            s = a @ bm.T
-            self.comparisons += int(s.shape[0]) * int(s.shape[1])
-            hits = torch.nonzero(s >= self.t)
-            p, q = hits[:, 0], hits[:, 1]
-            if c0 == r0:
-                keep = p < q
-                p, q = p[keep], q[keep]
-            if p.numel():
-                self.out_s.append(s[p, q])
-                gp, gq = p + r0, q + c0
-                self.out_i.append(gp if m is None else m[gp])
-                self.out_j.append(gq if m is None else m[gq])
-
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        torch = self.torch
-        if not self.out_i:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), self.comparisons
-        return (
-            torch.cat(self.out_i).to(torch.int64).cpu().numpy(),
-            torch.cat(self.out_j).to(torch.int64).cpu().numpy(),
-            torch.cat(self.out_s).to(torch.float32).cpu().numpy(),
-            self.comparisons,
-        )
-
-
-def _searcher(x: np.ndarray, threshold: float, block_size: int, device: str):
-    if resolve_torch_device(device) == "cuda":
-        return _TorchSearch(x, threshold, block_size)
-    return _NumpySearch(x, threshold, block_size)
+def _concat(out: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate([part[k] for part in out]) for k in range(3))  # type: ignore[return-value]
 
 
 def _sorted_pairs(i: np.ndarray, j: np.ndarray, sim: np.ndarray, found_by: np.ndarray, comparisons: int) -> Pairs:
@@ -245,12 +108,13 @@ def pairs_within_clusters(
 
     With `labels2` (soft assignment) a row belongs to its first and its second cluster, and a
     pair is compared when the two rows share either; a pair that shares two clusters is reported
-    once. Peak extra memory per step: block_size² similarities plus 2 · block_size rows of x.
-    `comparisons` counts the dot products computed (diagonal blocks are computed in full).
+    once. Peak extra memory: one cluster's rows of x (copied for `block_pairs`) plus block_size²
+    similarities. `comparisons` counts the dot products computed (diagonal blocks are computed
+    in full, `kernels.block_comparisons`).
     """
     x = _as_matrix(x)
     n = x.shape[0]
-    _check_common(threshold, block_size)
+    check_search_args(threshold, block_size)
     if not 0 <= clustering_index < 8:
         raise ValueError(f"clustering_index must be in 0..7 (one bit of found_by), got {clustering_index}")
     labels = np.asarray(labels)
@@ -261,11 +125,13 @@ def pairs_within_clusters(
         if labels2.shape != (n,):
             raise ValueError(f"labels2 must have shape ({n},) or be None, got {labels2.shape}")
     rows, starts, ends = _cluster_members(labels, labels2)
-    search = _searcher(x, threshold, block_size, device)
+    resolved = resolve_device(device)
+    out: list = []
+    comparisons = 0
     for s, e in zip(starts.tolist(), ends.tolist()):
         if e - s >= 2:
-            search.group(rows[s:e], e - s)
-    i, j, sim, comparisons = search.result()
+            comparisons += _search(x, rows[s:e], threshold, block_size, resolved, out)
+    i, j, sim = _concat(out)
     if labels2 is not None and i.size:
         # A pair whose rows share both their clusters was compared twice; keep one copy (the
         # two similarities are the same dot product, equal up to float rounding).
@@ -306,9 +172,8 @@ def union_pairs(per_clustering: Sequence[Pairs]) -> Pairs:
 def brute_force_pairs(x: np.ndarray, threshold: float, block_size: int = 4096, device: str = "auto") -> Pairs:
     """Every pair with cosine ≥ threshold over all n(n-1)/2 pairs (the exact baseline)."""
     x = _as_matrix(x)
-    _check_common(threshold, block_size)
-    search = _searcher(x, threshold, block_size, device)
-    if x.shape[0] >= 2:
-        search.group(None, x.shape[0])
-    i, j, sim, comparisons = search.result()
+    check_search_args(threshold, block_size)
+    out: list = []
+    comparisons = _search(x, None, threshold, block_size, resolve_device(device), out) if x.shape[0] >= 2 else 0
+    i, j, sim = _concat(out)
     return _sorted_pairs(i, j, sim, np.zeros(i.shape[0], np.uint8), comparisons)

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from dedup_assets.dedup.groups import KeeperPolicy, build_groups
 from dedup_assets.dedup.incremental import needs_refit, pairs_with_new
+from dedup_assets.dedup.kernels import describe_backend
 from dedup_assets.dedup.kmeans import Clustering, ClusteringConfig, assign, fit_clusterings
 from dedup_assets.dedup.pairs import Pairs, pairs_within_clusters, union_pairs
 from dedup_assets.dedup.recall import estimate_recall
@@ -181,6 +182,7 @@ def clusterings(
     context: AssetExecutionContext, config: ClusteringsConfig, dedup: DedupResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
     wh = warehouse.get()
+    context.log.info(describe_backend(dedup.device))
     ids, x, model = load_vectors(wh)
     started = time.perf_counter()
     stored = None if config.refit or not dedup.incremental else _stored_fit(wh, model, dedup)
@@ -312,6 +314,7 @@ def candidate_pairs(
     warehouse: WarehouseResource,
 ) -> MaterializeResult:
     wh = warehouse.get()
+    context.log.info(describe_backend(dedup.device))
     ids, x, _ = load_vectors(wh)
     tau = dedup.tau(embedder)
     fit_id = str(wh.query("SELECT any_value(fit_id) AS f FROM clustering_centroids")["f"][0])

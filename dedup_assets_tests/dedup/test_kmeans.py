@@ -8,11 +8,12 @@ import pytest
 from dedup_assets.dedup.kmeans import (
     ClusteringConfig,
     assign,
+    assign_many,
     choose_k,
     default_subset_size,
     fit_clusterings,
-    resolve_faiss_device,
 )
+from dedup_assets.dedup import kmeans
 from dedup_assets.dedup.synthetic import make_embeddings
 
 
@@ -102,22 +103,129 @@ def test_assign_single_centroid_and_empty() -> None:
     assert labels.size == 0 and labels2 is None
 
 
-def test_cuda_without_faiss_gpu_fails_clearly() -> None:
-    import faiss
+def test_cuda_without_a_gpu_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dedup_assets.dedup import kernels
 
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        pytest.skip("faiss sees a GPU here")
-    assert resolve_faiss_device("auto") == "cpu"
+    monkeypatch.setattr(kernels, "_torch_cuda_count", lambda: 0)
     with pytest.raises(RuntimeError, match="device='cuda'"):
         fit_clusterings(np.eye(4, dtype=np.float32), ClusteringConfig(device="cuda"))
+    with pytest.raises(RuntimeError, match="device='cuda:1'"):
+        assign(np.eye(4, dtype=np.float32), np.eye(2, 4, dtype=np.float32), soft=True, device="cuda:1")
+    assert ClusteringConfig(device="cuda:3").device == "cuda:3"  # validated, resolved when used
+
+
+def test_missing_faiss_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(RuntimeError, match=r"\.\[cpu\]"):
+        assign(np.eye(4, dtype=np.float32), np.eye(2, 4, dtype=np.float32), soft=False, device="cpu")
+
+
+def _blobs(n_blobs: int, per: int, d: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = np.linalg.qr(rng.standard_normal((d, n_blobs)))[0].T.astype(np.float32)  # orthogonal
+    truth = np.repeat(np.arange(n_blobs), per)
+    x = centers[truth] + spread * rng.standard_normal((n_blobs * per, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), truth
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_torch_kmeans_matches_faiss_from_the_same_start_on_separated_data() -> None:
+    pytest.importorskip("torch")
+    x, truth = _blobs(8, 150, 32, 0.05, seed=0)
+    init = x[[150 * b + 3 for b in range(8)]]  # one start per blob
+    c_faiss = kmeans._unit_rows(kmeans._faiss_kmeans(x, 8, 10, seed=0, init=init.copy()))
+    c_torch = kmeans._unit_rows(kmeans._torch_kmeans(x, 8, 10, seed=0, device="cpu", init=init.copy()))
+    np.testing.assert_allclose(c_torch, c_faiss, atol=1e-4)
+    l_faiss, _ = assign(x, c_faiss, soft=False, device="cpu")
+    l_torch = kmeans._torch_assign_many(x, [c_torch], soft=False, device="cpu")[0][0]
+    assert np.array_equal(l_faiss, l_torch)
+    assert _same_partition(l_torch, truth)
+
+
+def test_torch_kmeans_inertia_is_close_to_faiss_on_random_data() -> None:
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def objective(c: np.ndarray) -> float:  # mean cosine to the nearest centroid
+        return float(np.mean(np.max(x @ c.T, axis=1)))
+
+    for seed in (0, 1):
+        f = objective(kmeans._unit_rows(kmeans._faiss_kmeans(x, 32, 15, seed=seed)))
+        t_c = kmeans._torch_kmeans(x, 32, 15, seed=seed, device="cpu")
+        np.testing.assert_allclose(np.linalg.norm(t_c, axis=1), 1.0, atol=1e-5)
+        t = objective(t_c)
+        assert abs(t - f) / f < 0.02, (seed, t, f)
+        assert t > objective(x[:32]) + 0.01  # the iterations improve on the initial points
+    # Empty clusters are re-seeded: k equal to the number of distinct points still gives k centroids.
+    dup = np.repeat(x[:6], 3, axis=0)
+    c = kmeans._torch_kmeans(dup, 6, 5, seed=0, device="cpu")
+    assert np.unique(np.round(c, 4), axis=0).shape[0] == 6
+
+
+def test_assign_many_equals_one_assign_per_clustering_on_both_backends() -> None:
+    pytest.importorskip("torch")
+    x, _ = make_embeddings(3000, d=64, seed=2)
+    rng = np.random.default_rng(3)
+    sets = [kmeans._unit_rows(x[rng.choice(len(x), k, replace=False)]) for k in (16, 7, 1, 40)]
+    for soft in (True, False):
+        many = assign_many(x, sets, soft=soft, device="cpu")
+        torch_many = kmeans._torch_assign_many(x, sets[:2] + sets[3:], soft=soft, device="cpu")
+        for t, c in enumerate(sets):
+            one = assign(x, c, soft=soft, device="cpu")
+            assert np.array_equal(many[t][0], one[0])
+            assert (many[t][1] is None) == (not soft)
+            s = x @ c.T
+            if c.shape[0] > 1:
+                top = np.argsort(-s, axis=1)[:, :2]
+                assert np.mean(top[:, 0] == many[t][0]) > 0.999
+                got = torch_many[[0, 1, None, 2][t]]
+                assert np.mean(got[0] == many[t][0]) > 0.999  # ties aside, the same argmax
+                if soft:
+                    assert np.mean(got[1] == many[t][1]) > 0.999
+                    assert np.mean(top[:, 1] == many[t][1]) > 0.99
+    # Small chunks (many GEMMs) give the same labels as one big one.
+    small = kmeans._chunk_rows
+    try:
+        kmeans._chunk_rows = lambda k_total, budget_floats=0: 97
+        chunked = kmeans._torch_assign_many(x, sets[:2], soft=True, device="cpu")
+    finally:
+        kmeans._chunk_rows = small
+    whole = kmeans._torch_assign_many(x, sets[:2], soft=True, device="cpu")
+    for (a1, a2), (b1, b2) in zip(chunked, whole):
+        assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
+    with pytest.raises(ValueError, match="dimension"):
+        assign_many(x, [np.eye(3, 8, dtype=np.float32)])
 
 
 @pytest.mark.gpu
-def test_faiss_gpu_clustering_matches_shape() -> None:
-    import faiss
-
-    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
-        pytest.skip("needs the faiss GPU build and a GPU")
-    x, _ = make_embeddings(5000, d=64, seed=0)
-    fitted = fit_clusterings(x, ClusteringConfig(n_clusterings=2, k=32, niter=5, device="cuda"))
-    assert all(c.labels.shape == (5000,) and c.k == 32 for c in fitted)
+def test_gpu_kmeans_and_assignment_match_the_cpu() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    x, truth = _blobs(8, 500, 64, 0.05, seed=0)
+    init = x[[500 * b + 3 for b in range(8)]]
+    c_cpu = kmeans._unit_rows(kmeans._faiss_kmeans(x, 8, 10, seed=0, init=init.copy()))
+    c_gpu = kmeans._unit_rows(kmeans._torch_kmeans(x, 8, 10, seed=0, device="cuda", init=init.copy()))
+    np.testing.assert_allclose(c_gpu, c_cpu, atol=1e-4)
+    y, _ = make_embeddings(20000, d=64, seed=1)
+    sets = [c_cpu, kmeans._unit_rows(y[:300])]
+    for (g1, g2), (c1, c2) in zip(assign_many(y, sets, True, "cuda"), assign_many(y, sets, True, "cpu")):
+        assert np.mean(g1 == c1) > 0.9999 and np.mean(g2 == c2) > 0.999
+    fitted = fit_clusterings(y, ClusteringConfig(n_clusterings=2, k=32, niter=5, device="cuda"))
+    assert all(c.labels.shape == (20000,) and c.k == 32 for c in fitted)

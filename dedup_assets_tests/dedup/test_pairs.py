@@ -9,9 +9,9 @@ from dedup_assets.dedup.pairs import (
     Pairs,
     brute_force_pairs,
     pairs_within_clusters,
-    resolve_torch_device,
     union_pairs,
 )
+from dedup_assets.dedup.kernels import resolve_device
 from dedup_assets.dedup.synthetic import make_embeddings
 
 TAU = 0.9
@@ -162,8 +162,10 @@ def test_cuda_request_without_a_gpu_fails_clearly() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="device='cuda'"):
-        resolve_torch_device("cuda")
-    assert resolve_torch_device("auto") == "cpu"
+        resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="device='cuda'"):
+        brute_force_pairs(_data(n=10), TAU, device="cuda")
+    assert resolve_device("auto") == "cpu"
 
 
 @pytest.mark.gpu
