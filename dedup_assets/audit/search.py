@@ -4,17 +4,21 @@ Grain: one row per (generated image, rank) for its top-k neighbours over the WHO
 training set, before deduplication and filtering — a near-copy of a removed image still tells that
 the model saw it; `kept_in_filtered` says whether the neighbour survived into the filtered set.
 
-Search: cosine similarity as the inner product of L2-normalized vectors. Up to `flat_max`
-training vectors the search is exact (brute force). Above it, an IVF index
-(`faiss.IndexIVFFlat`, nlist ≈ 4·√n, trained on a seeded sample of 64·nlist vectors) probes
-`nprobe` of the nlist lists per query: approximate, but a near-copy lies in the same list as its
-source almost always, and the audit stays fast on millions of images. Raise `nprobe` (up to
-nlist = exact) to trade speed for recall.
+Search: exact top-k by cosine (inner product of L2-normalized vectors), streamed. The training
+vectors arrive in batches (the embedding store's `iter_batches`); every generated image keeps a
+running top-k that each batch is merged into, so memory holds the generated vectors, one batch and
+one (query block × batch) similarity panel — never the corpus, never an index of it.
+
+Exactness and ties: each panel is one GEMM (numpy on the CPU, torch float32 on a GPU) used only
+to pick candidates — every entry within `CANDIDATE_MARGIN` of the row's k-th best so far. The
+candidates are re-scored in float64 and rounded to float32, so a similarity does not depend on
+the device, the batch size or the BLAS kernel, and the top-k is ordered by (similarity descending,
+position in the stream ascending): of two training images with the same similarity the one that
+comes first in partition-then-row order ranks first, whatever the batching.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,30 +37,31 @@ AUDIT_SCHEMA: dict[str, pl.DataType] = {
     "kept_in_filtered": pl.Boolean,
 }
 
-# faiss warns below ~39 training points per list; keep at least this many vectors per list.
-_MIN_POINTS_PER_LIST = 39
-_TRAIN_POINTS_PER_LIST = 64
 _NORM_TOLERANCE = 1e-3
+# How far below the k-th best a GEMM entry may lie and still be re-scored. A float32 GEMM of unit
+# vectors errs by < 1e-4 (d ≤ 1,600); even TF32 (10-bit mantissa: < 2⁻¹⁰ per entry, by
+# Cauchy–Schwarz), should a caller have enabled it, stays below 1e-3 — and two entries are compared.
+CANDIDATE_MARGIN = 2e-3
+# Largest (query block × batch) similarity panel, in entries (64 MB of float32).
+_PANEL_ENTRIES = 1 << 24
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     """top_k neighbours per generated image; threshold (cosine) at/above which a neighbour is a
-    near-copy, None → the embedder's duplicate_threshold; flat_max: largest training set searched
-    exactly; nprobe: IVF lists probed above it."""
+    near-copy, None → the embedder's duplicate_threshold; batch_rows: training vectors read per
+    batch; device: "cpu", "cuda[:N]" (resolve "auto" before)."""
 
     top_k: int = 5
     threshold: float | None = None
-    flat_max: int = 200_000
-    nprobe: int = 16
+    batch_rows: int = 65_536
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 (neighbours per generated image), got {self.top_k}")
-        if self.flat_max < 1:
-            raise ValueError(f"flat_max must be >= 1 (training vectors searched exactly), got {self.flat_max}")
-        if self.nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1 (IVF lists probed per query), got {self.nprobe}")
+        if self.batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1 (training vectors per batch), got {self.batch_rows}")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ValueError(
                 f"threshold is a cosine similarity in [-1, 1] (or None for the embedder's); got {self.threshold}"
@@ -67,98 +72,174 @@ class AuditConfig:
         return float(self.threshold if self.threshold is not None else embedder_threshold)
 
 
-def ivf_nlist(n: int) -> int:
-    """Number of IVF lists for n training vectors: ≈ 4·√n, but at least 39 vectors per list."""
-    return max(1, min(int(4 * math.sqrt(n)), n // _MIN_POINTS_PER_LIST))
+@dataclass
+class TopK:
+    """The running (then final) top-k of every query, best first; unfilled slots have
+    sim = -inf, pos = -1, id = None. pos is the position in the training stream."""
+
+    sims: np.ndarray  # (q, k) float32
+    pos: np.ndarray  # (q, k) int64
+    ids: np.ndarray  # (q, k) object
+    searched: int = 0  # training vectors seen
+
+    @classmethod
+    def empty(cls, q: int, k: int) -> "TopK":
+        return cls(
+            np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64), np.full((q, k), None, object)
+        )
+
+    def filled(self) -> np.ndarray:
+        """(q, k) bool: slots that hold a neighbour."""
+        return self.pos >= 0
 
 
-def nearest_training(
-    gen: np.ndarray, train: np.ndarray, k: int, flat_max: int = 200_000, nprobe: int = 16
-) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities float32, row indices int64), both (n_gen, min(k, n_train)), best first.
-
-    Inner product of the rows as given (pass L2-normalized vectors for cosine). Exact when
-    n_train <= flat_max, IVF otherwise; -1 marks a neighbour IVF could not fill.
-    """
-    import faiss
-
-    gen = np.ascontiguousarray(gen, dtype=np.float32)
-    train = np.ascontiguousarray(train, dtype=np.float32)
-    if gen.ndim != 2 or train.ndim != 2 or (gen.shape[0] and train.shape[0] and gen.shape[1] != train.shape[1]):
-        raise ValueError(f"need 2-D arrays of one dimension; got generated {gen.shape}, training {train.shape}")
-    n = train.shape[0]
-    k = min(k, n)
-    if n == 0 or gen.shape[0] == 0 or k == 0:
-        return np.zeros((gen.shape[0], 0), np.float32), np.zeros((gen.shape[0], 0), np.int64)
-    if n <= flat_max:
-        # Brute force without building an index: no copy of the training matrix.
-        sims, idx = faiss.knn(gen, train, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return sims.astype(np.float32), idx.astype(np.int64)
-    d = train.shape[1]
-    nlist = ivf_nlist(n)
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(0)
-    m = min(n, _TRAIN_POINTS_PER_LIST * nlist)
-    sample = train if m == n else train[np.sort(rng.choice(n, m, replace=False))]
-    index.train(sample)
-    index.add(train)
-    index.nprobe = min(nprobe, nlist)
-    sims, idx = index.search(gen, k)
-    return sims.astype(np.float32), idx.astype(np.int64)
-
-
-def _check_normalized(x: np.ndarray, what: str) -> None:
+def _check_normalized(x: np.ndarray, what: str, offset: int = 0) -> None:
     if x.shape[0] == 0:
         return
-    step = 65_536  # in blocks: the training matrix can be large
-    for s in range(0, x.shape[0], step):
-        norms = np.linalg.norm(np.asarray(x[s : s + step], dtype=np.float32), axis=1)
-        # Zero rows are allowed: l2_normalize leaves an all-zero descriptor at zero (similarity 0).
-        bad = (np.abs(norms - 1.0) > _NORM_TOLERANCE) & (norms > _NORM_TOLERANCE)
-        if bad.any():
+    norms = np.linalg.norm(x, axis=1)
+    # Zero rows are allowed: l2_normalize leaves an all-zero descriptor at zero (similarity 0).
+    bad = (np.abs(norms - 1.0) > _NORM_TOLERANCE) & (norms > _NORM_TOLERANCE)
+    if bad.any():
+        raise ValueError(
+            f"{what} vectors must be L2-normalized (cosine = inner product); row "
+            f"{offset + int(np.argmax(bad))} has norm {norms[bad][0]:.4f}. Normalize them (embedders do) "
+            "before the audit."
+        )
+
+
+class StreamedTopK:
+    """Exact top-k of `queries` over training batches fed one at a time with `add`."""
+
+    def __init__(self, queries: np.ndarray, k: int, device: str = "cpu") -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2:
+            raise ValueError(f"queries must be a 2-D array, got shape {q.shape}")
+        _check_normalized(q, "generated")
+        self.queries = q
+        self.k = k
+        self.device = device
+        self.top = TopK.empty(q.shape[0], k)
+        self._torch_queries = None
+        if device != "cpu":
+            import torch
+
+            self._torch_queries = torch.from_numpy(q).to(device)
+
+    def add(self, ids: Sequence[str], batch: np.ndarray) -> None:
+        """Merge one batch of training vectors (rows in stream order) into the running top-k."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim != 2 or len(ids) != x.shape[0]:
+            raise ValueError(f"a batch needs one id per row of a 2-D matrix; got {len(ids)} ids, shape {x.shape}")
+        offset = self.top.searched
+        if x.shape[0] == 0:
+            return
+        if self.queries.shape[0] and x.shape[1] != self.queries.shape[1]:
             raise ValueError(
-                f"{what} vectors must be L2-normalized (cosine = inner product); row "
-                f"{s + int(np.argmax(bad))} has norm {norms[bad][0]:.4f}. Normalize them (embedders do) "
-                "before the audit."
+                f"training vectors have dimension {x.shape[1]}, generated ones {self.queries.shape[1]}: "
+                "embed both with the same model"
             )
+        _check_normalized(x, "training", offset)
+        self.top.searched += x.shape[0]
+        nq = self.queries.shape[0]
+        if nq == 0:
+            return
+        id_arr = np.asarray(ids, dtype=object)
+        block = max(1, _PANEL_ENTRIES // x.shape[0])
+        xt = None
+        if self._torch_queries is not None:
+            import torch
+
+            xt = torch.from_numpy(x).to(self.device)
+        for s in range(0, nq, block):
+            e = min(nq, s + block)
+            rows, cols = self._candidates(s, e, x, xt)
+            self._merge(s, e, rows, cols, x, id_arr, offset)
+
+    def _candidates(self, s: int, e: int, x: np.ndarray, xt) -> tuple[np.ndarray, np.ndarray]:
+        """(query row within [s, e), batch column) of every entry that may enter the top-k."""
+        kk = min(self.k, x.shape[0])
+        floor = self.top.sims[s:e, -1]  # the k-th best so far (exact), -inf while unfilled
+        if xt is None:
+            panel = self.queries[s:e] @ x.T
+            kth = np.partition(panel, panel.shape[1] - kk, axis=1)[:, panel.shape[1] - kk]
+            cut = np.maximum(kth, floor) - np.float32(CANDIDATE_MARGIN)
+            r, c = np.nonzero(panel >= cut[:, None])
+        else:
+            import torch
+
+            panel = self._torch_queries[s:e] @ xt.T
+            kth = torch.topk(panel, kk, dim=1).values[:, -1]
+            cut = torch.maximum(kth, torch.from_numpy(floor).to(panel.device)) - CANDIDATE_MARGIN
+            nz = torch.nonzero(panel >= cut[:, None]).cpu().numpy()
+            r, c = nz[:, 0], nz[:, 1]
+        return r.astype(np.int64) + s, c.astype(np.int64)
+
+    def _merge(
+        self, s: int, e: int, rows: np.ndarray, cols: np.ndarray, x: np.ndarray, id_arr: np.ndarray, offset: int
+    ) -> None:
+        # Exact re-scoring: float64 dot products rounded to float32, independent of the GEMM.
+        sims = np.einsum(
+            "ij,ij->i", self.queries[rows].astype(np.float64), x[cols].astype(np.float64)
+        ).astype(np.float32)
+        top = self.top
+        old_rows = np.repeat(np.arange(s, e), self.k)
+        keep = top.pos[s:e].reshape(-1) >= 0
+        all_rows = np.concatenate([old_rows[keep], rows])
+        all_sims = np.concatenate([top.sims[s:e].reshape(-1)[keep], sims])
+        all_pos = np.concatenate([top.pos[s:e].reshape(-1)[keep], cols + offset])
+        all_ids = np.concatenate([top.ids[s:e].reshape(-1)[keep], id_arr[cols]])
+        order = np.lexsort((all_pos, -all_sims, all_rows))
+        all_rows, all_sims, all_pos, all_ids = all_rows[order], all_sims[order], all_pos[order], all_ids[order]
+        first = np.searchsorted(all_rows, all_rows, side="left")
+        rank = np.arange(all_rows.size) - first
+        take = rank < self.k
+        r, k = all_rows[take], rank[take]
+        top.sims[r, k] = all_sims[take]
+        top.pos[r, k] = all_pos[take]
+        top.ids[r, k] = all_ids[take]
 
 
-def audit(
+def streamed_top_k(
+    queries: np.ndarray, batches: Iterable[tuple[Sequence[str], np.ndarray]], k: int, device: str = "cpu"
+) -> TopK:
+    """Exact top-k training neighbours of every query row over a stream of (ids, vectors) batches.
+
+    Rows must be L2-normalized (zero rows allowed). Result ordered by (similarity desc, stream
+    position asc); see the module docstring.
+    """
+    acc = StreamedTopK(queries, k, device)
+    for ids, x in batches:
+        acc.add(ids, x)
+    return acc.top
+
+
+def audit_table(
     gen_ids: Sequence[str],
     gen_prompts: Sequence[str | None],
-    gen_vectors: np.ndarray,
-    train_ids: Sequence[str],
-    train_vectors: np.ndarray,
-    kept_ids: Iterable[str] | pl.Series,
-    cfg: AuditConfig,
+    top: TopK,
+    kept_ids: Iterable[str],
     threshold: float,
 ) -> pl.DataFrame:
     """The audit table (AUDIT_SCHEMA), sorted by (generated, rank).
 
-    `train_*` must be the whole training set before dedup/filtering; `kept_ids` the ids of
-    filtered_dataset; `threshold` the resolved cosine threshold (see AuditConfig.resolved_threshold).
+    `top` is the streamed top-k over the whole training set before dedup/filtering; `kept_ids` the
+    neighbours (any superset will do) that are in filtered_dataset; `threshold` the resolved cosine.
     """
-    if not (len(gen_ids) == len(gen_prompts) == gen_vectors.shape[0]):
+    if not (len(gen_ids) == len(gen_prompts) == top.sims.shape[0]):
         raise ValueError(
-            f"gen_ids ({len(gen_ids)}), gen_prompts ({len(gen_prompts)}) and gen_vectors "
-            f"({gen_vectors.shape[0]}) must have one entry per generated image"
+            f"gen_ids ({len(gen_ids)}), gen_prompts ({len(gen_prompts)}) and the top-k "
+            f"({top.sims.shape[0]} rows) must have one entry per generated image"
         )
-    if len(train_ids) != train_vectors.shape[0]:
-        raise ValueError(f"train_ids ({len(train_ids)}) and train_vectors ({train_vectors.shape[0]}) differ in length")
-    _check_normalized(gen_vectors, "generated")
-    _check_normalized(train_vectors, "training")
-    kept = set(kept_ids.cast(pl.String).to_list() if isinstance(kept_ids, pl.Series) else kept_ids)
-    sims, idx = nearest_training(gen_vectors, train_vectors, cfg.top_k, cfg.flat_max, cfg.nprobe)
-    tids = np.asarray(train_ids, dtype=object)
+    kept = set(kept_ids)
     rows = []
     for g, gid in enumerate(gen_ids):
-        for r in range(idx.shape[1]):
-            t = int(idx[g, r])
-            if t < 0:
+        for r in range(top.sims.shape[1]):
+            if top.pos[g, r] < 0:
                 continue
-            tid = str(tids[t])
-            sim = float(sims[g, r])
+            tid = str(top.ids[g, r])
+            sim = float(top.sims[g, r])
             rows.append((gid, gen_prompts[g], r + 1, tid, sim, sim >= threshold, tid in kept))
     return pl.DataFrame(rows, schema=AUDIT_SCHEMA, orient="row").sort("generated", "rank")
 

@@ -25,13 +25,18 @@ What makes them realistic enough to measure a candidate search on:
 
 Everything is generated in float32 and in chunks: n = 1,000,000 × 512 needs ~2 GB (the output)
 plus a few tens of MB.
+
+`TopicCoreEmbeddings` is a second data model, in which most pairs ≥ τ are NOT planted: every topic
+has its own low-dimensional subspace and a dense core in it, so different images of one topic's
+core are near neighbours of each other (see its docstring). It streams fixed-size chunks, so any N
+fits in memory.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["make_embeddings", "perturb_to_cosine"]
+__all__ = ["TopicCoreEmbeddings", "make_embeddings", "perturb_to_cosine"]
 
 _CHUNK = 65_536
 
@@ -53,12 +58,17 @@ def perturb_to_cosine(
     """Unit vectors whose cosine to each (unit) seed row is exactly the requested value.
 
     The direction of the move is a mix of a random direction inside `basis` (share
-    `lowrank_share` of its energy) and an isotropic one, made orthogonal to the seed.
+    `lowrank_share` of its energy) and an isotropic one, made orthogonal to the seed. `basis` is
+    one (d, rank) subspace for every row, or (m, rank, d): one subspace per row.
     """
     m, d = seeds.shape
     iso = rng.standard_normal((m, d), dtype=np.float32)
     _normalize_rows(iso)
-    if basis is not None and lowrank_share > 0:
+    if basis is not None and basis.ndim == 3 and lowrank_share > 0:
+        low = np.einsum("mr,mrd->md", rng.standard_normal((m, basis.shape[1]), dtype=np.float32), basis)
+        _normalize_rows(low)
+        direction = np.sqrt(np.float32(lowrank_share)) * low + np.sqrt(np.float32(1 - lowrank_share)) * iso
+    elif basis is not None and lowrank_share > 0:
         low = rng.standard_normal((m, basis.shape[1]), dtype=np.float32) @ basis.T
         _normalize_rows(low)
         direction = np.sqrt(np.float32(lowrank_share)) * low + np.sqrt(np.float32(1 - lowrank_share)) * iso
@@ -184,3 +194,166 @@ def make_embeddings(
         cursor += 1 + length
         n_steps_target -= length
     return x, planted
+
+
+def _core_pair_probability(rank: int, tau: float, iso_energy: float, spreads: np.ndarray, seed: int) -> np.ndarray:
+    """P(cos ≥ tau) of two rows of one topic core, for each spread s (Monte Carlo, 2M pairs).
+
+    A row is m + s·B·z + iso with m the unit topic mean, B an orthonormal (rank-dim) basis ⟂ m,
+    z ~ N(0, I) and iso of energy `iso_energy` spread over all d dimensions (nearly orthogonal to
+    everything else), so cos = (1 + s²·z₁·z₂) / √((1 + s²|z₁|² + e)(1 + s²|z₂|² + e)).
+    """
+    rng = np.random.default_rng([seed, 7])
+    hits = np.zeros(spreads.size, dtype=np.int64)
+    total = 0
+    for _ in range(8):
+        z1 = rng.standard_normal((250_000, rank))
+        z2 = rng.standard_normal((250_000, rank))
+        a, b, c = np.sum(z1 * z1, 1), np.sum(z2 * z2, 1), np.sum(z1 * z2, 1)
+        for i, sp in enumerate(spreads):
+            s2 = sp * sp
+            cos = (1 + s2 * c) / np.sqrt((1 + s2 * a + iso_energy) * (1 + s2 * b + iso_energy))
+            hits[i] += int(np.count_nonzero(cos >= tau))
+        total += a.size
+    return hits / total
+
+
+class TopicCoreEmbeddings:
+    """Synthetic embeddings where most near-neighbour pairs are different images in dense topic cores.
+
+    Grain: one unit float32 row per synthetic image, produced in chunks of `CHUNK_ROWS` rows
+    (`chunks()`), deterministic for the arguments whatever the caller does with the chunks.
+
+    Model: topic t (sizes ∝ 1/t**zipf_exponent, one topic per `rows_per_topic` rows) has a unit mean
+    mᵗ (cosine ~0.3 to other topics' means) and its own `rank`-dimensional subspace Bᵗ ⟂ mᵗ. A row
+    is mᵗ + s·Bᵗz (z ~ N(0, I)) plus isotropic noise of energy `iso_energy`, normalized. A share
+    `core_fraction` of a topic's rows is its core: s = sᵗ, chosen (by `_core_pair_probability`) so
+    that a core row has on average `core_degree` core neighbours with cosine ≥ `tau` whatever the
+    topic's size — big topics get wider cores, not denser ones, and k-means must cut through them.
+    The other rows are the halo (s = `halo_spread`·sᵗ), where pairs ≥ τ are rare. On top,
+    `dup_fraction` of the rows are planted near-copies (cosine to their seed uniform in
+    `dup_cosine`, moved partly inside the seed's topic subspace) of seeds drawn like any row, in
+    groups whose size follows Zipf(2) capped at `max_copies`; copies and seeds land anywhere in the
+    stream. With the defaults (n = 40,000, d = 512) 72 % of the pairs ≥ τ join two core rows, 18 % a
+    core and a halo row of one topic and 10 % are planted; none join two topics.
+
+    Each chunk is (x (m, d) float32, planted (m,) int64 group or -1, topic (m,) int32, core (m,) bool).
+    """
+
+    CHUNK_ROWS = 65_536
+
+    def __init__(
+        self,
+        n: int,
+        d: int = 512,
+        seed: int = 0,
+        tau: float = 0.909,
+        rows_per_topic: int = 2000,
+        zipf_exponent: float = 1.0,
+        rank: int = 8,
+        core_fraction: float = 0.6,
+        core_degree: float = 6.0,
+        halo_spread: float = 3.0,
+        iso_energy: float = 0.01,
+        dup_fraction: float = 0.05,
+        max_copies: int = 32,
+        dup_cosine: tuple[float, float] = (0.92, 0.99),
+        lowrank_share: float = 0.7,
+        common_cosine: float = 0.3,
+    ) -> None:
+        if n < 0 or d < rank + 2:
+            raise ValueError(f"need n >= 0 and d >= rank + 2, got n={n}, d={d}, rank={rank}")
+        if not 0 < core_fraction <= 1 or not 0 <= dup_fraction < 0.5 or core_degree <= 0:
+            raise ValueError("need 0 < core_fraction <= 1, 0 <= dup_fraction < 0.5 and core_degree > 0")
+        if not -1 < tau < 1 or not dup_cosine[0] <= dup_cosine[1] < 1:
+            raise ValueError(f"tau must be a cosine in (-1, 1) and dup_cosine a range below 1; got {tau}, {dup_cosine}")
+        self.n, self.d, self.seed, self.tau, self.rank = n, d, seed, tau, rank
+        self.core_fraction, self.halo_spread, self.iso_energy = core_fraction, halo_spread, iso_energy
+        self.dup_cosine, self.lowrank_share = dup_cosine, lowrank_share
+        rng = np.random.default_rng([seed, 0])
+        self.n_topics = t = max(4, n // max(1, rows_per_topic))
+        p = 1.0 / np.arange(1, t + 1, dtype=np.float64) ** zipf_exponent
+        self.topic_p = p / p.sum()
+        common = rng.standard_normal(d)
+        common /= np.linalg.norm(common)
+        own = _normalize_rows(rng.standard_normal((t, d)))
+        self.means = _normalize_rows(
+            (np.sqrt(common_cosine) * common + np.sqrt(1 - common_cosine) * own).astype(np.float32)
+        )
+        bases = np.empty((t, rank, d), dtype=np.float32)
+        for i in range(t):
+            q, _ = np.linalg.qr(np.column_stack([self.means[i], rng.standard_normal((d, rank))]))
+            bases[i] = q[:, 1:].T  # orthonormal, orthogonal to the topic mean
+        self.bases = bases
+        # Core spread per topic: P(pair ≥ τ) = core_degree / (expected core size - 1).
+        grid = np.geomspace(0.02, 5.0, 80)
+        prob = _core_pair_probability(rank, tau, iso_energy, grid, seed)
+        core_size = np.maximum(2.0, n * self.topic_p * core_fraction)
+        want = np.clip(core_degree / (core_size - 1), 1e-7, 0.999)
+        ok = prob > 0  # prob falls with the spread; interpolate log P over the spread grid
+        lp = np.log(prob[ok][::-1])
+        self.core_spread = np.interp(np.log(want), lp, grid[ok][::-1]).astype(np.float32)
+
+        # Planted groups: which rows are seeds and copies, and the seed vectors.
+        n_copies = int(round(dup_fraction * n))
+        sizes: list[int] = []
+        left = n_copies
+        while left > 0:
+            k = int(min(max_copies, rng.zipf(2.0), left))
+            sizes.append(k)
+            left -= k
+        n_planted = n_copies + len(sizes)  # ≤ 2·dup_fraction·n < n
+        rows = rng.choice(n, size=n_planted, replace=False) if n_planted else np.zeros(0, np.int64)
+        self.group_of = np.full(n, -1, dtype=np.int32)
+        self.is_seed = np.zeros(n, dtype=bool)
+        cursor = 0
+        for g, k in enumerate(sizes):
+            members = rows[cursor : cursor + 1 + k]
+            self.group_of[members] = g
+            self.is_seed[members[0]] = True
+            cursor += 1 + k
+        g_topic = rng.choice(t, size=len(sizes), p=self.topic_p).astype(np.int32)
+        g_core = rng.random(len(sizes)) < core_fraction
+        self.group_topic = g_topic
+        self.seeds = self._rows(g_topic, g_core, rng)
+
+    def _rows(self, topic: np.ndarray, core: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        m = topic.size
+        spread = self.core_spread[topic] * np.where(core, 1.0, self.halo_spread).astype(np.float32)
+        z = rng.standard_normal((m, self.rank), dtype=np.float32) * spread[:, None]
+        out = self.means[topic] + np.einsum("mr,mrd->md", z, self.bases[topic])
+        out += rng.standard_normal((m, self.d), dtype=np.float32) * np.float32(np.sqrt(self.iso_energy / self.d))
+        return _normalize_rows(out)
+
+    def chunks(self):
+        """Yield (x, planted, topic, core) for rows [0, CHUNK_ROWS), [CHUNK_ROWS, 2·CHUNK_ROWS), …"""
+        for c, s in enumerate(range(0, self.n, self.CHUNK_ROWS)):
+            e = min(self.n, s + self.CHUNK_ROWS)
+            rng = np.random.default_rng([self.seed, 1, c])
+            topic = rng.choice(self.n_topics, size=e - s, p=self.topic_p).astype(np.int32)
+            core = rng.random(e - s) < self.core_fraction
+            group = self.group_of[s:e].astype(np.int64)
+            planted = group >= 0
+            topic[planted] = self.group_topic[group[planted]]
+            x = np.empty((e - s, self.d), dtype=np.float32)
+            for b in range(0, e - s, 4096):  # the per-row basis gather is (rows, rank, d)
+                sl = slice(b, min(e - s, b + 4096))
+                x[sl] = self._rows(topic[sl], core[sl], rng)
+            seeds = np.flatnonzero(self.is_seed[s:e])
+            x[seeds] = self.seeds[group[seeds]]
+            copies = np.flatnonzero(planted & ~self.is_seed[s:e])
+            if copies.size:
+                g = group[copies]
+                cos = rng.uniform(self.dup_cosine[0], self.dup_cosine[1], size=copies.size)
+                x[copies] = perturb_to_cosine(
+                    self.seeds[g], cos, rng, self.bases[self.group_topic[g]], self.lowrank_share
+                )
+            core[planted] = False  # a planted row is counted as planted, not as core
+            yield x, group, topic, core
+
+    def all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every chunk concatenated (small n only: tests)."""
+        parts = list(self.chunks())
+        if not parts:
+            return (np.zeros((0, self.d), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, bool))
+        return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]

@@ -18,16 +18,16 @@ from dagster import (
 from pydantic import Field
 
 from dedup_assets.audit.report import audit_markdown, write_audit_html
-from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, audit, discover_generated
+from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, StreamedTopK, audit_table, discover_generated
 from dedup_assets.curate.export import export_shards, write_manifest
 from dedup_assets.curate.reweight import ReweightConfig, compute_weights, reweight_report
 from dedup_assets.curate.select import check_accounting, select
-from dedup_assets.defs.dedup import load_vectors
 from dedup_assets.defs.metadata import counts_md, markdown_preview, png_markdown
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.clip_retrieval import read_generated
-from dedup_assets.tables import resolve_threshold
+from dedup_assets.dedup.pairs import resolve_torch_device
+from dedup_assets.tables import ensure_embeddings, resolve_threshold
 
 GROUP = "curate"
 
@@ -45,7 +45,9 @@ class CurateResource(ConfigurableResource):
     audit_threshold: float | None = Field(
         default=None, description="Cosine at/above which a generated image is flagged; None = embedder's calibration."
     )
-    audit_flat_max: int = Field(default=200_000, description="Above this many training vectors, use an IVF index.")
+    audit_batch_rows: int = Field(
+        default=65_536, description="Training vectors read from the embedding store per batch of the audit."
+    )
 
 
 def _table_or_none(wh, table: str) -> pl.DataFrame | None:
@@ -141,10 +143,10 @@ def filtered_dataset_accounting(warehouse: WarehouseResource) -> AssetCheckResul
     group_name=GROUP,
     deps=["embeddings", "filtered_dataset"],
     pool="gpu",
-    kinds={"duckdb", "faiss"},
+    kinds={"duckdb", "parquet"},
     description=(
-        "One row per (generated image, rank): its nearest training images over the whole indexed "
-        "set before deduplication, whether each is a near-copy (flagged), and whether it survived "
+        "One row per (generated image, rank): its nearest training images (exact top-k streamed over "
+        "the embedding store) over the whole indexed set before deduplication, whether each is a near-copy (flagged), and whether it survived "
         "into filtered_dataset."
     ),
 )
@@ -165,10 +167,15 @@ def regurgitation_audit(
             metadata={"dagster/row_count": 0, "note": "no generated images or vectors configured"}
         )
     model_id = embedder.recorded_model_id()
-    train_ids, train_x, train_model = load_vectors(wh)
-    if train_model and train_model != model_id:
+    store = ensure_embeddings(wh)
+    train_models = sorted(set(store.partition_models().values()))
+    if len(train_models) > 1:
         raise RuntimeError(
-            f"the training set was embedded with {train_model!r} but the audit embedder is "
+            f"the training embeddings mix models {train_models}; re-embed every shard with one model first"
+        )
+    if train_models and train_models[0] != model_id:
+        raise RuntimeError(
+            f"the training set was embedded with {train_models[0]!r} but the audit embedder is "
             f"{model_id!r}: similarities across models are meaningless. Use the same embedder "
             f"for both (or re-embed the training set)."
         )
@@ -194,13 +201,34 @@ def regurgitation_audit(
         gen_ids, gen_x = result.ids, result.vectors
         gen_prompts = [prompts.get(g) for g in gen_ids]
         gen_paths = {gid: path for gid, path, _ in gen}
-    kept_ids = wh.query("SELECT image_id FROM filtered_dataset")["image_id"]
     tau = resolve_threshold(curate.audit_threshold, embedder)
-    cfg = AuditConfig(top_k=curate.audit_top_k, threshold=tau, flat_max=curate.audit_flat_max)
-    table = audit(gen_ids, gen_prompts, gen_x, train_ids, train_x, kept_ids, cfg, tau)
+    cfg = AuditConfig(
+        top_k=curate.audit_top_k, threshold=tau, batch_rows=curate.audit_batch_rows,
+        device=resolve_torch_device(embedder.device),
+    )
+    total = store.count()
+    context.log.info(
+        f"audit: exact top-{cfg.top_k} of {len(gen_ids)} generated vectors over {total} training vectors "
+        f"on {cfg.device}, {cfg.batch_rows} per batch"
+    )
+    search = StreamedTopK(gen_x, cfg.top_k, cfg.device)
+    last_log = time.perf_counter()
+    for _, ids, x in store.iter_batches(batch_rows=cfg.batch_rows):
+        search.add(ids, x)
+        if time.perf_counter() - last_log > 30:
+            last_log = time.perf_counter()
+            rate = search.top.searched / max(1e-9, last_log - started)
+            context.log.info(f"audit: {search.top.searched}/{total} training vectors searched ({rate:,.0f}/s)")
+    top = search.top
+    found = sorted({str(t) for t in top.ids[top.filled()]})
+    # Only the neighbours found are looked up: no step holds every kept id or every location.
+    kept_ids = wh.query(
+        "SELECT image_id FROM filtered_dataset WHERE list_contains($ids, image_id)", {"ids": found}
+    )["image_id"].to_list()
+    table = audit_table(gen_ids, gen_prompts, top, kept_ids, tau)
     wh.replace_table("regurgitation_audit", table)
-    locs = wh.read_table("image_index", columns=["image_id", "location"]).filter(
-        pl.col("image_id").is_in(table["image_id"].unique().to_list())
+    locs = wh.read_table(
+        "image_index", columns=["image_id", "location"], where="list_contains($ids, image_id)", params={"ids": found}
     )
     html = write_audit_html(
         table,
@@ -209,6 +237,7 @@ def regurgitation_audit(
         warehouse.directory / "regurgitation_audit.html",
     )
     flagged = table.filter(pl.col("flagged"))
+    seconds = time.perf_counter() - started
     return MaterializeResult(
         metadata={
             "dagster/row_count": table.height,
@@ -219,8 +248,12 @@ def regurgitation_audit(
                 else f"images under {dataset.generated}"),
             "flagged_generated": flagged["generated"].n_unique(),
             "threshold": tau,
-            "training_vectors_searched": len(train_ids),
-            "seconds": round(time.perf_counter() - started, 3),
+            "training_vectors_searched": top.searched,
+            "search": MetadataValue.text(
+                f"exact streamed top-{cfg.top_k} on {cfg.device}, {cfg.batch_rows} vectors per batch"
+            ),
+            "seconds": round(seconds, 3),
+            "training_vectors_per_second": round(top.searched / max(seconds, 1e-9)),
             "report": MetadataValue.md(audit_markdown(table)),
             "html_report": MetadataValue.path(str(html)),
         }

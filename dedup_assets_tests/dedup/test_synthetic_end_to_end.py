@@ -11,7 +11,7 @@ from dedup_assets.dedup.groups import build_groups
 from dedup_assets.dedup.kmeans import ClusteringConfig, fit_clusterings
 from dedup_assets.dedup.pairs import brute_force_pairs, pairs_within_clusters, union_pairs
 from dedup_assets.dedup.recall import estimate_recall
-from dedup_assets.dedup.synthetic import make_embeddings, perturb_to_cosine
+from dedup_assets.dedup.synthetic import TopicCoreEmbeddings, make_embeddings, perturb_to_cosine
 
 TAU = 0.9
 
@@ -50,6 +50,33 @@ def test_perturb_to_cosine_is_exact() -> None:
     out = perturb_to_cosine(seeds, cos, rng, basis, 0.7)
     np.testing.assert_allclose(np.sum(out * seeds, axis=1), cos, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_topic_core_model_puts_most_pairs_between_different_images_of_dense_cores() -> None:
+    gen = TopicCoreEmbeddings(9000, d=96, seed=2, tau=TAU, rows_per_topic=1500, core_degree=5.0)
+    x, planted, topic, core = gen.all()
+    assert x.shape == (9000, 96) and x.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    again = TopicCoreEmbeddings(9000, d=96, seed=2, tau=TAU, rows_per_topic=1500, core_degree=5.0).all()
+    np.testing.assert_array_equal(again[0], x)
+    assert len(list(gen.chunks())) == 1 and TopicCoreEmbeddings(0, d=96).all()[0].shape == (0, 96)
+
+    exact = brute_force_pairs(x, TAU, device="cpu")
+    i, j = exact.i, exact.j
+    is_planted = (planted[i] >= 0) & (planted[i] == planted[j])
+    core_pair = core[i] & core[j] & (topic[i] == topic[j])
+    assert core_pair.mean() > 0.6, "most pairs join two different (unplanted) images of one core"
+    assert is_planted.mean() > 0.03 and np.all(topic[i] == topic[j]), "no pair joins two topics"
+    # The core spread is calibrated per topic: core rows of the biggest and of a smaller topic
+    # have about the asked-for number of core neighbours.
+    degree = np.bincount(np.concatenate([i[core_pair], j[core_pair]]), minlength=x.shape[0])
+    for t in (0, 3):
+        assert 3.0 < degree[core & (topic == t)].mean() < 8.0, t
+    # Planted copies sit at their drawn cosine from the seed.
+    seeds = {int(planted[r]): r for r in np.flatnonzero(gen.is_seed)}
+    copies = np.flatnonzero((planted >= 0) & ~gen.is_seed)
+    cos = np.sum(x[copies] * x[[seeds[int(g)] for g in planted[copies]]], axis=1)
+    assert cos.min() >= 0.92 - 1e-5 and cos.max() <= 0.99 + 1e-5
 
 
 @pytest.mark.parametrize("soft", [False, True])
