@@ -26,7 +26,7 @@ from dedup_assets.defs.metadata import counts_md, markdown_preview, png_markdown
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.clip_retrieval import read_generated
-from dedup_assets.dedup.pairs import resolve_torch_device
+from dedup_assets.dedup.kernels import describe_backend, resolve_device
 from dedup_assets.tables import ensure_embeddings, resolve_threshold
 
 GROUP = "curate"
@@ -204,9 +204,10 @@ def regurgitation_audit(
     tau = resolve_threshold(curate.audit_threshold, embedder)
     cfg = AuditConfig(
         top_k=curate.audit_top_k, threshold=tau, batch_rows=curate.audit_batch_rows,
-        device=resolve_torch_device(embedder.device),
+        device=resolve_device(embedder.device),
     )
     total = store.count()
+    context.log.info(describe_backend(cfg.device))
     context.log.info(
         f"audit: exact top-{cfg.top_k} of {len(gen_ids)} generated vectors over {total} training vectors "
         f"on {cfg.device}, {cfg.batch_rows} per batch"
