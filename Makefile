@@ -9,7 +9,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export DAGSTER_HOME := $(CURDIR)
 
-.PHONY: venv system-deps demo test test-all dev bench clean
+.PHONY: venv system-deps demo test test-all dev bench gpu-smoke clean
 
 # Create or update the virtualenv. pip here is capped at torch<=2.14.1 (see pyproject.toml).
 venv: $(STAMP)
@@ -47,6 +47,10 @@ bench: venv
 	$(BIN)/python benchmarks/bench_offline_recall.py --quick
 	$(BIN)/python benchmarks/bench_candidate_search.py --quick
 	$(BIN)/python benchmarks/bench_embed_throughput.py --quick
+
+# GPU-vs-CPU parity and throughput (benchmarks/gpu_smoke.py; "not measured" rows without a GPU).
+gpu-smoke: venv
+	$(BIN)/python benchmarks/gpu_smoke.py
 
 clean:
 	rm -rf data/sample data/generated data/warehouse.duckdb* data/warehouse_files data/dagster_home
