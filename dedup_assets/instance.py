@@ -18,12 +18,10 @@ processes recovered, and the per-shard resume record.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import socket
-import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,24 +34,16 @@ ACTIVE_STATUSES = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 
 @contextmanager
 def instance_lock(home: Path, timeout_s: float = 300.0) -> Iterator[None]:
+    from dedup_assets.warehouse import exclusive_file_lock
+
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".dedup-assets.lock", "a+") as f:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"another dedup-assets process has held {home / '.dedup-assets.lock'} for "
-                        f"{timeout_s:.0f}s while creating the Dagster instance; is one stuck?"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = home / ".dedup-assets.lock"
+    stuck = RuntimeError(
+        f"another dedup-assets process has held {lock} for {timeout_s:.0f}s while creating the "
+        "Dagster instance; is one stuck?"
+    )
+    with exclusive_file_lock(lock, timeout_s, stuck, poll_s=0.1):
+        yield
 
 
 def open_instance(home: Path):  # noqa: ANN201 - DagsterInstance, imported lazily

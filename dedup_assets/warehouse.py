@@ -42,6 +42,26 @@ def _ident(name: str) -> str:
     return f'"{name}"'
 
 
+@contextmanager
+def exclusive_file_lock(path: Path, timeout_s: float, on_timeout: Exception, poll_s: float = 0.05) -> Iterator[None]:
+    """Hold an exclusive `fcntl` lock on `path` (created if missing) for the block; raise
+    `on_timeout` when another process keeps it longer than `timeout_s`."""
+    with open(path, "a+") as lock_file:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise on_timeout from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
 class Warehouse:
     """A DuckDB file plus the lock that serializes access to it across processes."""
 
@@ -57,27 +77,16 @@ class Warehouse:
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """An open connection, held under the cross-process lock; closed on exit."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as lock_file:
-            deadline = time.monotonic() + self.lock_timeout_s
-            while True:
-                try:
-                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise WarehouseError(
-                            f"timed out after {self.lock_timeout_s:.0f}s waiting for the lock on "
-                            f"{self.path}; another process holds it (see {self.lock_path})"
-                        ) from None
-                    time.sleep(0.05)
+        timeout = WarehouseError(
+            f"timed out after {self.lock_timeout_s:.0f}s waiting for the lock on "
+            f"{self.path}; another process holds it (see {self.lock_path})"
+        )
+        with exclusive_file_lock(self.lock_path, self.lock_timeout_s, timeout):
+            con = duckdb.connect(str(self.path))
             try:
-                con = duckdb.connect(str(self.path))
-                try:
-                    yield con
-                finally:
-                    con.close()
+                yield con
             finally:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+                con.close()
 
     # ----------------------------------------------------------------------------------- reads
     def table_exists(self, table: str) -> bool:
