@@ -26,15 +26,19 @@ No Dagster here.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import polars as pl
 
 from dedup_assets.ingest.index import INDEX_SCHEMA, SKIPPED_SCHEMA
-from dedup_assets.store import EmbeddingStore
+from dedup_assets.store import EmbeddingStore, escape_key, unescape_name
 from dedup_assets.warehouse import Warehouse, WarehouseError
 
 __all__ = [
@@ -316,3 +320,462 @@ def resolve_threshold(override: float | None, embedder: ThresholdSource) -> floa
             "CLIP ViT-B/32), or set the embedder resource's `threshold`"
         )
     return float(calibrated)
+
+
+# ------------------------------------------------------------------------------- the corpus stage
+# Tables (DuckDB):
+#   clustering_centroids  one row per (clustering, cluster) of the current fit: CENTROIDS_SCHEMA
+#   clusterings           one row per (image, clustering): CLUSTERINGS_SCHEMA, written per partition
+#   clustering_partitions one row per partition assigned under the current fit: its store stamp
+#   candidate_pairs       one row per pair image_a < image_b with cosine ≥ τ: PAIRS_SCHEMA
+#   duplicate_groups      one row per image of a group of two or more: GROUP_SCHEMA (dedup.groups)
+# Files (`<warehouse stem>_files/dedup/<fit_id>/`):
+#   bucket_<b>/<partition>.<batch>.npy          float32 (m, d): the distinct vectors routed to b
+#   bucket_<b>/<partition>.<batch>.ids.parquet  image_id of each of those m vectors
+#   bucket_<b>/<partition>.<batch>.entries.parquet  vec, clustering, cluster, cluster2 (one row per
+#       (vector, clustering) whose cluster or second cluster lies in b; -1 = in another bucket);
+#       written last, so its presence marks a complete batch
+#   pairs/bucket_<b>.parquet + .json            the pairs found in b (PAIRS_SCHEMA + shard_a,
+#       shard_b) and what they were computed from (fit, τ, the batches' stamps), for incremental runs
+CLUSTERING_CENTROIDS = "clustering_centroids"
+CLUSTERINGS = "clusterings"
+CLUSTERING_PARTITIONS = "clustering_partitions"
+CANDIDATE_PAIRS = "candidate_pairs"
+DUPLICATE_GROUPS = "duplicate_groups"
+
+CLUSTERINGS_SCHEMA = {
+    "image_id": pl.String, "shard": pl.String, "clustering": pl.Int32, "cluster": pl.Int32, "cluster2": pl.Int32,
+}
+CLUSTERING_PARTITIONS_SCHEMA = {"partition": pl.String, "fit_id": pl.String, "rows": pl.Int64, "stamp": pl.String}
+PAIRS_SCHEMA = {"image_a": pl.String, "image_b": pl.String, "similarity": pl.Float32, "found_by": pl.UInt8}
+BUCKET_PAIRS_SCHEMA = {**PAIRS_SCHEMA, "shard_a": pl.String, "shard_b": pl.String}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The stored clustering fit: centroids per clustering and the bucket of every cluster."""
+
+    fit_id: str
+    model: str
+    n_at_fit: int
+    subset_size: int
+    n_buckets: int
+    soft: bool
+    centroids: list[np.ndarray]
+    buckets: list[np.ndarray]
+
+    @property
+    def n_clusterings(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids[0].shape[0]) if self.centroids else 0
+
+
+def write_fit(wh: Warehouse, fit: Fit, loads: Sequence[np.ndarray]) -> None:
+    d = int(fit.centroids[0].shape[1])
+    frames = [
+        pl.DataFrame(
+            {
+                "clustering": np.full(c.shape[0], i, np.int32),
+                "cluster": np.arange(c.shape[0], dtype=np.int32),
+                "centroid": c.astype(np.float32),
+                "bucket": b.astype(np.int32),
+                "load": np.asarray(load, dtype=np.float64),
+            },
+            schema={"clustering": pl.Int32, "cluster": pl.Int32, "centroid": pl.Array(pl.Float32, d),
+                    "bucket": pl.Int32, "load": pl.Float64},
+        )
+        for i, (c, b, load) in enumerate(zip(fit.centroids, fit.buckets, loads))
+    ]
+    df = pl.concat(frames).with_columns(
+        pl.lit(fit.model).alias("model"), pl.lit(fit.fit_id).alias("fit_id"),
+        pl.lit(fit.n_at_fit, pl.Int64).alias("n_at_fit"), pl.lit(fit.subset_size, pl.Int64).alias("subset_size"),
+        pl.lit(fit.n_buckets, pl.Int32).alias("n_buckets"), pl.lit(fit.soft).alias("soft"),
+    )
+    wh.replace_table(CLUSTERING_CENTROIDS, df)
+
+
+def read_fit(wh: Warehouse) -> Fit | None:
+    """The current fit, or None when there is none (or it predates buckets)."""
+    if not wh.table_exists(CLUSTERING_CENTROIDS):
+        return None
+    with wh.connect() as con:
+        cols = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [CLUSTERING_CENTROIDS]
+        ).fetchall()}
+        if not {"bucket", "n_buckets", "soft"} <= cols:
+            return None
+        tbl = con.sql(f"SELECT * FROM {CLUSTERING_CENTROIDS} ORDER BY clustering, cluster").to_arrow_table()
+    if tbl.num_rows == 0:
+        return None
+    clustering = tbl.column("clustering").to_numpy()
+    col = tbl.column("centroid").combine_chunks()
+    d = col.type.list_size
+    cents = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+    bucket = tbl.column("bucket").to_numpy()
+    first = {name: tbl.column(name)[0].as_py() for name in ("fit_id", "model", "n_at_fit", "subset_size", "n_buckets", "soft")}
+    ks = sorted(set(clustering.tolist()))
+    return Fit(
+        fit_id=str(first["fit_id"]), model=str(first["model"]), n_at_fit=int(first["n_at_fit"]),
+        subset_size=int(first["subset_size"]), n_buckets=int(first["n_buckets"]), soft=bool(first["soft"]),
+        centroids=[np.ascontiguousarray(cents[clustering == c]) for c in ks],
+        buckets=[bucket[clustering == c].astype(np.int32) for c in ks],
+    )
+
+
+def read_assigned_partitions(wh: Warehouse, fit_id: str) -> dict[str, str]:
+    """partition → stamp of the partitions assigned under `fit_id`."""
+    if not wh.table_exists(CLUSTERING_PARTITIONS):
+        return {}
+    df = wh.query(f"SELECT partition, stamp FROM {CLUSTERING_PARTITIONS} WHERE fit_id = $f", {"f": fit_id})
+    return dict(zip(df["partition"].to_list(), df["stamp"].to_list()))
+
+
+def record_assigned_partition(wh: Warehouse, partition: str, fit_id: str, rows: int, stamp: str) -> None:
+    df = pl.DataFrame({"partition": [partition], "fit_id": [fit_id], "rows": [rows], "stamp": [stamp]},
+                      schema=CLUSTERING_PARTITIONS_SCHEMA)
+    wh.replace_partition(CLUSTERING_PARTITIONS, df, "partition", partition)
+
+
+def forget_assignments(wh: Warehouse, partition: str | None = None) -> None:
+    """Drop the clusterings rows and assignment records of one partition (None = all)."""
+    with wh.connect() as con:
+        for table, col in ((CLUSTERINGS, "shard"), (CLUSTERING_PARTITIONS, "partition")):
+            if _table_exists_con(con, table):
+                if partition is None:
+                    con.execute(f"DELETE FROM {table}")
+                else:
+                    con.execute(f"DELETE FROM {table} WHERE {col} = ?", [partition])
+
+
+def _table_exists_con(con, table: str) -> bool:  # noqa: ANN001
+    return bool(con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [table]
+    ).fetchall()[0][0])
+
+
+def write_clusterings(wh: Warehouse, partition: str, df: pl.DataFrame) -> int:
+    if wh.table_exists(CLUSTERINGS):
+        with wh.connect() as con:
+            cols = [r[0] for r in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+                [CLUSTERINGS]).fetchall()]
+            if cols != list(CLUSTERINGS_SCHEMA):  # a table from before the streamed corpus stage
+                con.execute(f"DROP TABLE {CLUSTERINGS}")
+    return wh.replace_partition(CLUSTERINGS, df.select(list(CLUSTERINGS_SCHEMA)), "shard", partition)
+
+
+class CorpusFiles:
+    """The files of the corpus stage under `<warehouse stem>_files/dedup/` (layout above)."""
+
+    def __init__(self, wh: Warehouse) -> None:
+        self.root = wh.path.with_name(wh.path.stem + "_files") / "dedup"
+
+    def fit_dir(self, fit_id: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{6,64}", fit_id):
+            raise ValueError(f"not a fit id: {fit_id!r}")
+        return self.root / fit_id
+
+    def bucket_dir(self, fit_id: str, bucket: int) -> Path:
+        return self.fit_dir(fit_id) / f"bucket_{int(bucket):04d}"
+
+    def drop_other_fits(self, fit_id: str) -> None:
+        import shutil
+
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name != fit_id and p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+
+    # spill ---------------------------------------------------------------------------------
+    def write_batch(
+        self, fit_id: str, bucket: int, partition: str, batch: int,
+        ids: Sequence[str], vectors: np.ndarray, entries: dict[str, np.ndarray],
+    ) -> int:
+        """Write one batch's share of a bucket atomically (entries file last); returns bytes."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        d = self.bucket_dir(fit_id, bucket)
+        d.mkdir(parents=True, exist_ok=True)
+        stem = f"{escape_key(partition)}.{int(batch):05d}"
+        tmp = f".tmp-{uuid.uuid4().hex[:8]}"
+        vec_path, ids_path, ent_path = d / f"{stem}.npy", d / f"{stem}.ids.parquet", d / f"{stem}.entries.parquet"
+        np.save(str(vec_path) + tmp + ".npy", np.ascontiguousarray(vectors, dtype=np.float32))
+        os.replace(str(vec_path) + tmp + ".npy", vec_path)
+        pq.write_table(
+            pa.table({"image_id": pa.array(list(ids), pa.string()),
+                      "partition": pa.array([partition] * len(ids), pa.string()).dictionary_encode()}),
+            str(ids_path) + tmp,
+        )
+        os.replace(str(ids_path) + tmp, ids_path)
+        pq.write_table(
+            pa.table({
+                "vec": pa.array(entries["vec"].astype(np.int32)),
+                "clustering": pa.array(entries["clustering"].astype(np.int8)),
+                "cluster": pa.array(entries["cluster"].astype(np.int32)),
+                "cluster2": pa.array(entries["cluster2"].astype(np.int32)),
+            }),
+            str(ent_path) + tmp,
+        )
+        os.replace(str(ent_path) + tmp, ent_path)
+        return sum(p.stat().st_size for p in (vec_path, ids_path, ent_path))
+
+    def delete_partition(self, fit_id: str, partition: str) -> None:
+        """Remove a partition's batches from every bucket of the fit."""
+        fd = self.fit_dir(fit_id)
+        if not fd.is_dir():
+            return
+        prefix = escape_key(partition) + "."
+        for b in fd.glob("bucket_*"):
+            for p in b.iterdir():
+                if p.name.startswith(prefix) and p.name[len(prefix):len(prefix) + 5].isdigit():
+                    p.unlink(missing_ok=True)
+
+    def batches(self, fit_id: str, bucket: int) -> list[tuple[str, Path]]:
+        """(partition, path stem) of the complete batches of a bucket, sorted."""
+        import pyarrow.parquet as pq
+
+        d = self.bucket_dir(fit_id, bucket)
+        if not d.is_dir():
+            return []
+        out = []
+        for p in sorted(d.glob("*.entries.parquet")):
+            stem = p.name[: -len(".entries.parquet")]
+            key = unescape_name(stem.rsplit(".", 1)[0])
+            if key is None:  # a shortened name: the key is in the ids file
+                col = pq.read_table(d / f"{stem}.ids.parquet", columns=["partition"]).column(0)
+                key = str(col[0].as_py()) if len(col) else stem
+            out.append((key, d / stem))
+        return out
+
+    def spill_bytes(self, fit_id: str) -> int:
+        fd = self.fit_dir(fit_id)
+        return sum(p.stat().st_size for p in fd.rglob("*") if p.is_file()) if fd.is_dir() else 0
+
+    def read_bucket(self, fit_id: str, bucket: int, d: int):  # noqa: ANN201 - BucketData
+        """The bucket's vectors (memory-mapped), ids, partition of each vector and its entries."""
+        import pyarrow.parquet as pq
+
+        from dedup_assets.dedup.buckets import VectorFiles
+
+        batches = self.batches(fit_id, bucket)
+        ids: list[str] = []
+        part_of: list[np.ndarray] = []
+        parts: list[str] = []
+        ent = {k: [] for k in ("vec", "clustering", "cluster", "cluster2")}
+        offset = 0
+        stamps: dict[str, str] = {}
+        for n, (key, stem) in enumerate(batches):
+            batch_ids = pq.read_table(f"{stem}.ids.parquet").column("image_id").to_pylist()
+            e = pq.read_table(f"{stem}.entries.parquet")
+            ids.extend(batch_ids)
+            if not parts or parts[-1] != key:
+                parts.append(key)
+            part_of.append(np.full(len(batch_ids), len(parts) - 1, np.int32))
+            ent["vec"].append(e.column("vec").to_numpy().astype(np.int64) + offset)
+            for k in ("clustering", "cluster", "cluster2"):
+                ent[k].append(e.column(k).to_numpy())
+            offset += len(batch_ids)
+            st = Path(f"{stem}.npy").stat()
+            stamps[stem.name] = f"{st.st_size}:{st.st_mtime_ns}"
+        vectors = VectorFiles([Path(f"{stem}.npy") for _, stem in batches], d)
+        if len(vectors) != len(ids):
+            raise WarehouseError(f"bucket {bucket} of fit {fit_id}: {len(vectors)} vectors but {len(ids)} ids")
+        cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in ent.items()}
+        return BucketData(
+            vectors=vectors, ids=ids, partitions=parts,
+            partition_of=np.concatenate(part_of) if part_of else np.zeros(0, np.int32),
+            entries=cat, stamps=stamps,
+        )
+
+    # bucket pairs ---------------------------------------------------------------------------
+    def pairs_path(self, fit_id: str, bucket: int) -> Path:
+        return self.fit_dir(fit_id) / "pairs" / f"bucket_{int(bucket):04d}.parquet"
+
+    def read_pairs_manifest(self, fit_id: str, bucket: int) -> dict | None:
+        p = self.pairs_path(fit_id, bucket).with_suffix(".json")
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_bucket_pairs(self, fit_id: str, bucket: int, df: pl.DataFrame, manifest: dict) -> Path:
+        """Atomically replace a bucket's pairs and its manifest (the manifest goes last)."""
+        path = self.pairs_path(fit_id, bucket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        df.select(list(BUCKET_PAIRS_SCHEMA)).write_parquet(tmp)
+        os.replace(tmp, path)
+        mtmp = path.with_suffix(f".json.tmp-{uuid.uuid4().hex[:8]}")
+        mtmp.write_text(json.dumps(manifest))
+        os.replace(mtmp, path.with_suffix(".json"))
+        return path
+
+    def read_bucket_pairs(self, fit_id: str, bucket: int) -> pl.DataFrame:
+        return pl.read_parquet(self.pairs_path(fit_id, bucket))
+
+    def pair_files(self, fit_id: str, n_buckets: int) -> list[Path]:
+        return [p for b in range(n_buckets) if (p := self.pairs_path(fit_id, b)).exists()]
+
+
+@dataclass
+class BucketData:
+    vectors: "object"  # dedup.buckets.VectorFiles
+    ids: list[str]
+    partitions: list[str]
+    partition_of: np.ndarray
+    entries: dict[str, np.ndarray]
+    stamps: dict[str, str]
+
+
+def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path]) -> int:
+    """candidate_pairs = the union of the buckets' pairs (one row per pair, found_by ORed), in DuckDB."""
+    with wh.connect() as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if files:
+                lit = "[" + ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in files) + "]"
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} AS SELECT image_a, image_b, "
+                    "CAST(max(similarity) AS FLOAT) AS similarity, CAST(bit_or(found_by) AS UTINYINT) AS found_by "
+                    f"FROM read_parquet({lit}) GROUP BY image_a, image_b ORDER BY image_a, image_b"
+                )
+            else:
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} (image_a VARCHAR, image_b VARCHAR, "
+                    "similarity FLOAT, found_by UTINYINT)"
+                )
+            con.execute("COMMIT")
+        except Exception:
+            try:
+                con.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        return int(con.execute(f"SELECT count(*) FROM {CANDIDATE_PAIRS}").fetchall()[0][0])
+
+
+def pair_summary(wh: Warehouse, n_clusterings: int) -> dict:
+    """Counts of candidate_pairs: total, per clustering, cumulative over clusterings 0..c."""
+    sel = ", ".join(
+        [f"count(*) FILTER (WHERE found_by & {1 << c} <> 0) AS c{c}" for c in range(n_clusterings)]
+        + [f"count(*) FILTER (WHERE found_by & {(1 << (c + 1)) - 1} <> 0) AS u{c}" for c in range(n_clusterings)]
+    )
+    with wh.connect() as con:
+        row = con.execute(f"SELECT count(*) AS n{', ' + sel if sel else ''} FROM {CANDIDATE_PAIRS}").fetchall()[0]
+    n = int(row[0])
+    per = [int(v) for v in row[1:1 + n_clusterings]]
+    cum = [int(v) for v in row[1 + n_clusterings:]]
+    return {"pairs": n, "per_clustering": per, "cumulative": cum}
+
+
+def _keeper_order(policy: str, priority_column: str | None) -> str:
+    if policy == "resolution":
+        return ("coalesce(i.width, 0)::DOUBLE * coalesce(i.height, 0)::DOUBLE DESC, "
+                "coalesce(i.bytes, 0) DESC, u.image_id")
+    if policy == "priority":
+        if not priority_column or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", priority_column):
+            raise ValueError(f"keeper policy 'priority' needs priority_column = an image_index column, got {priority_column!r}")
+        return f'i."{priority_column}" DESC NULLS LAST, u.image_id'
+    raise ValueError(f"keeper policy must be 'resolution' or 'priority', got {policy!r}")
+
+
+def build_duplicate_groups(
+    wh: Warehouse, policy: str = "resolution", priority_column: str | None = None, max_rounds: int = 40,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """duplicate_groups from candidate_pairs by the greedy keeper rule (`dedup.groups.greedy_keepers`),
+    in DuckDB: rounds that keep every undecided image with no better-ranked image still in play and
+    remove the undecided neighbours of kept images; after `max_rounds` the undecided rest (few) is
+    finished by `greedy_keepers` in numpy. Returns counts for the asset's metadata."""
+    from dedup_assets.dedup.groups import greedy_keepers
+
+    order = _keeper_order(policy, priority_column)
+    with wh.connect() as con:
+        con.execute(
+            "CREATE TEMP TABLE g_nodes AS SELECT u.image_id, (row_number() OVER (ORDER BY " + order + ") - 1) AS r "
+            f"FROM (SELECT image_a AS image_id FROM {CANDIDATE_PAIRS} UNION SELECT image_b FROM {CANDIDATE_PAIRS}) u "
+            f"LEFT JOIN {IMAGE_INDEX} i USING (image_id)"
+        )
+        con.execute(
+            "CREATE TEMP TABLE g_e0 AS SELECT greatest(a.r, b.r) AS u, least(a.r, b.r) AS v, p.similarity AS s "
+            f"FROM {CANDIDATE_PAIRS} p JOIN g_nodes a ON a.image_id = p.image_a JOIN g_nodes b ON b.image_id = p.image_b"
+        )
+        con.execute("CREATE TEMP TABLE g_e AS SELECT u, v FROM g_e0")
+        con.execute("CREATE TEMP TABLE g_s AS SELECT r, CAST(0 AS TINYINT) AS st, CAST(NULL AS BIGINT) AS keeper FROM g_nodes")
+        rounds = 0
+        undecided = int(con.execute("SELECT count(*) FROM g_s").fetchall()[0][0])
+        while undecided and rounds < max_rounds:
+            rounds += 1
+            con.execute(
+                "UPDATE g_s SET st = 1 WHERE st = 0 AND r NOT IN "
+                "(SELECT e.u FROM g_e e JOIN g_s b ON b.r = e.v WHERE b.st <> 2)"
+            )
+            con.execute(
+                "UPDATE g_s SET st = 2, keeper = k.kr FROM (SELECT e.u, min(e.v) AS kr FROM g_e e "
+                "JOIN g_s b ON b.r = e.v AND b.st = 1 GROUP BY e.u) k WHERE g_s.r = k.u AND g_s.st = 0"
+            )
+            con.execute("CREATE OR REPLACE TEMP TABLE g_e AS SELECT e.u, e.v FROM g_e e JOIN g_s a ON a.r = e.u AND a.st = 0")
+            undecided = int(con.execute("SELECT count(*) FROM g_s WHERE st = 0").fetchall()[0][0])
+            if log is not None:
+                log(f"groups round {rounds}: {undecided} images undecided")
+        residual = undecided
+        if undecided:
+            nodes = con.execute("SELECT r FROM g_s WHERE st = 0 ORDER BY r").fetchnumpy()["r"].astype(np.int64)
+            e = con.execute(
+                "SELECT e.u, e.v, z.s FROM g_e e JOIN g_s b ON b.r = e.v AND b.st = 0 "
+                "JOIN g_e0 z ON z.u = e.u AND z.v = e.v"
+            ).fetchnumpy()
+            iu = np.searchsorted(nodes, e["u"].astype(np.int64))
+            iv = np.searchsorted(nodes, e["v"].astype(np.int64))
+            keeper, _ = greedy_keepers(nodes.size, iu, iv, e["s"].astype(np.float32))
+            kept = keeper == np.arange(nodes.size)
+            upd = pl.DataFrame({"r": nodes, "st": np.where(kept, 1, 2).astype(np.int8), "keeper": np.where(kept, -1, nodes[keeper])})
+            con.register("__upd", upd)
+            con.execute(
+                "UPDATE g_s SET st = x.st, keeper = CASE WHEN x.st = 2 THEN x.keeper ELSE NULL END "
+                "FROM __upd x WHERE g_s.r = x.r"
+            )
+            con.unregister("__upd")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TABLE {DUPLICATE_GROUPS} AS "
+                "WITH m AS (SELECT s.r, s.keeper, z.s AS sim FROM g_s s JOIN g_e0 z ON z.u = s.r AND z.v = s.keeper WHERE s.st = 2), "
+                "g AS (SELECT keeper, count(*) + 1 AS size, min(sim) AS min_sim FROM m GROUP BY keeper), "
+                "rows AS (SELECT r, keeper, sim FROM m UNION ALL SELECT keeper AS r, keeper, 1.0 AS sim FROM g) "
+                "SELECT ni.image_id, nk.image_id AS group_id, rows.r = rows.keeper AS is_keeper, "
+                "CAST(rows.sim AS FLOAT) AS similarity_to_keeper, CAST(g.size AS INTEGER) AS group_size, "
+                "CAST(g.min_sim AS FLOAT) AS group_min_similarity, "
+                "CAST(CASE WHEN g.size = 2 THEN 1 - g.min_sim ELSE least(2.0, 2 - 2 * g.min_sim * g.min_sim) END AS FLOAT) AS group_diameter "
+                "FROM rows JOIN g USING (keeper) JOIN g_nodes ni ON ni.r = rows.r JOIN g_nodes nk ON nk.r = rows.keeper "
+                "ORDER BY group_id, image_id"
+            )
+            con.execute("COMMIT")
+        except Exception:
+            try:
+                con.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        stats = con.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE is_keeper), coalesce(max(group_size), 0) FROM {DUPLICATE_GROUPS}"
+        ).fetchall()[0]
+        hist = con.execute(
+            f"SELECT group_size, count(*) FROM {DUPLICATE_GROUPS} WHERE is_keeper GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        bad = con.execute(  # the invariant: a removed image is a pair ≥ τ with its keeper (checked, not assumed)
+            f"SELECT count(*) FROM {DUPLICATE_GROUPS} d LEFT JOIN {CANDIDATE_PAIRS} p ON "
+            "(p.image_a = least(d.image_id, d.group_id) AND p.image_b = greatest(d.image_id, d.group_id)) "
+            "WHERE NOT d.is_keeper AND p.image_a IS NULL"
+        ).fetchall()[0][0]
+        for t in ("g_nodes", "g_e0", "g_e", "g_s"):
+            con.execute(f"DROP TABLE IF EXISTS {t}")
+    return {
+        "rows": int(stats[0]), "groups": int(stats[1]), "largest_group": int(stats[2]),
+        "rounds": rounds, "residual": residual, "sizes": [(int(a), int(b)) for a, b in hist],
+        "removed_without_pair_to_keeper": int(bad),
+    }

@@ -62,6 +62,35 @@ def exclusive_file_lock(path: Path, timeout_s: float, on_timeout: Exception, pol
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
+def _cgroup_limit() -> int | None:
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < (1 << 50):
+            return int(raw)
+    return None
+
+
+def duckdb_memory_limit() -> str:
+    """DuckDB's memory_limit for our connections: `DEDUP_ASSETS_DUCKDB_MEMORY` when set (e.g. '2GB'),
+    else 40 % of this process's memory cgroup limit, or of physical memory when there is none.
+
+    DuckDB's own default (80 % of physical memory) ignores the cgroup, so under a hard cap its hash
+    aggregates would grow until the kernel kills the step instead of spilling to disk."""
+    explicit = os.environ.get("DEDUP_ASSETS_DUCKDB_MEMORY")
+    if explicit:
+        return explicit
+    total = _cgroup_limit()
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return "4GB"
+    return f"{max(256, int(total * 0.4) >> 20)}MB"
+
+
 class Warehouse:
     """A DuckDB file plus the lock that serializes access to it across processes."""
 
@@ -82,7 +111,7 @@ class Warehouse:
             f"{self.path}; another process holds it (see {self.lock_path})"
         )
         with exclusive_file_lock(self.lock_path, self.lock_timeout_s, timeout):
-            con = duckdb.connect(str(self.path))
+            con = duckdb.connect(str(self.path), config={"memory_limit": duckdb_memory_limit()})
             try:
                 yield con
             finally:

@@ -1,4 +1,13 @@
-"""Duplicate groups from candidate pairs: connected components, one keeper per group, anti-chaining.
+"""Duplicate groups from candidate pairs: greedy keepers without chaining (the default), or
+connected components with optional anti-chaining.
+
+The default policy (`greedy_keepers`, used by the `duplicate_groups` asset through DuckDB in
+`dedup_assets.tables.build_duplicate_groups`): images are ranked by the keeper policy; the
+best-ranked image is kept and every image with a pair ≥ τ to it is removed as its duplicate;
+then the best-ranked image neither kept nor removed, and so on (as SemDeDup and NeMo Curator's
+semantic dedup keep one image per neighbourhood). So every removed image has cosine ≥ τ to its
+keeper, and two keepers never form a pair. On a chain A≈B≈C (A not ≈ C) with A ranked first,
+A and C are kept and B is removed as a duplicate of A.
 
 Grain of `build_groups`: one row per image that belongs to a duplicate group of two or more
 images. Images in no pair (or left alone after splitting) do not appear.
@@ -14,7 +23,7 @@ import polars as pl
 
 from dedup_assets.dedup.pairs import Pairs
 
-__all__ = ["GROUP_SCHEMA", "KeeperPolicy", "build_groups", "connected_components"]
+__all__ = ["GROUP_SCHEMA", "KeeperPolicy", "build_groups", "connected_components", "greedy_keepers"]
 
 DIAMETER_EXACT_MAX = 2000  # beyond this many members the diameter is taken over a seeded sample
 _CHUNK = 65_536
@@ -62,6 +71,42 @@ def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
                 break
             parent = grand
     return parent
+
+
+def greedy_keepers(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy keepers on nodes 0..n-1 ranked by their index (0 = best) joined by pairs (i, j, sim).
+
+    Node u is kept when no better-ranked neighbour is kept; otherwise it is removed as a
+    duplicate of its best-ranked kept neighbour. Returns (keeper, sim_to_keeper): keeper[u] = u
+    for kept nodes (including nodes in no pair), the keeper's index for removed ones; sim is
+    1.0 for kept nodes. Sequential in rank order over a CSR adjacency: O(n + pairs).
+    """
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    sim = np.asarray(sim, dtype=np.float32)
+    if not (i.shape == j.shape == sim.shape):
+        raise ValueError("i, j and sim must be parallel arrays")
+    if i.size and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
+        raise ValueError(f"pair endpoints must lie in [0, {n})")
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    keep = lo != hi
+    lo, hi, sim = lo[keep], hi[keep], sim[keep]
+    # each node needs only its better-ranked neighbours: CSR of hi → lo, sorted by lo
+    order = np.lexsort((lo, hi))
+    lo, hi, sim = lo[order], hi[order], sim[order]
+    start = np.searchsorted(hi, np.arange(n + 1))
+    keeper = np.arange(n, dtype=np.int64)
+    out_sim = np.ones(n, dtype=np.float32)
+    kept = np.ones(n, dtype=bool)
+    for u in np.unique(hi).tolist():
+        s, e = start[u], start[u + 1]
+        nb = lo[s:e]
+        hit = np.flatnonzero(kept[nb])
+        if hit.size:  # neighbours are sorted by rank: the first kept one is the best
+            kept[u] = False
+            keeper[u] = nb[hit[0]]
+            out_sim[u] = sim[s + hit[0]]
+    return keeper, out_sim
 
 
 @dataclass(frozen=True)

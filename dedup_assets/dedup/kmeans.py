@@ -42,6 +42,7 @@ __all__ = [
     "assign_many",
     "choose_k",
     "default_subset_size",
+    "fit_centroids",
     "fit_clusterings",
 ]
 
@@ -364,3 +365,25 @@ def fit_clusterings(
                 f" on {device}"
             )
     return out
+
+
+def fit_centroids(
+    train: np.ndarray, k: int, niter: int, seed: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One spherical k-means fit on a training sample (the streamed corpus stage draws it from the
+    store): (centroids (k', d) unit rows, training points nearest each centroid). k' = min(k, rows);
+    one row or k ≤ 1 gives the sample's normalized mean."""
+    train = _as_matrix(train)
+    n, d = train.shape
+    if n == 0:
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    k = max(1, min(int(k), n))
+    resolved = resolve_device(device)
+    if k == 1:
+        centroids = _unit_rows(train.mean(axis=0, keepdims=True))
+    elif resolved == "cpu":
+        centroids = _unit_rows(_faiss_kmeans(train, k, niter, int(seed)))
+    else:
+        centroids = _unit_rows(_torch_kmeans(train, k, niter, int(seed), resolved))
+    labels, _ = assign(train, centroids, soft=False, device=resolved)
+    return centroids, np.bincount(labels, minlength=centroids.shape[0]).astype(np.int64)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from dedup_assets.dedup.pairs import Pairs
 
-__all__ = ["RecallEstimate", "estimate_recall", "true_pairs_of", "wilson_interval"]
+__all__ = [
+    "RecallEstimate", "StreamedRecall", "estimate_recall", "sampled_true_pairs", "streamed_recall",
+    "true_pairs_of", "wilson_interval",
+]
 
 # Two float32 dot products of the same pair computed in different block shapes can differ by a
 # few 1e-7; a true pair this close to the threshold that the candidates lack is a rounding tie,
@@ -142,5 +146,121 @@ def estimate_recall(
         n_true_pairs=n_true,
         n_found=n_found,
         by_n_clusterings=by_c,
+        threshold=float(threshold),
+    )
+
+
+@dataclass
+class StreamedRecall:
+    """Recall of candidate pairs over the exact pairs ≥ τ of sampled images, found by streaming.
+
+    A pair is counted when it touches a sampled image (pairs between two sampled images once),
+    so every pair of the corpus has the same chance to be counted and found/true estimates the
+    recall of all pairs. The interval is a bootstrap over the sampled images (resampling images,
+    not pairs): misses come in clumps (a dense region the clusters cut), and a binomial interval
+    on pairs would be too narrow. `dense_recall` is the recall over the pairs of the sampled
+    images with the most true pairs (the top decile), where misses concentrate.
+    """
+
+    recall: float
+    ci_low: float
+    ci_high: float
+    n_sampled: int
+    n_true_pairs: int
+    n_found: int
+    by_n_clusterings: list[float]
+    dense_recall: float
+    dense_true_pairs: int
+    threshold: float
+
+
+def sampled_true_pairs(
+    batches: Iterable[tuple[list[str], np.ndarray]],
+    query_ids: Sequence[str],
+    queries: np.ndarray,
+    threshold: float,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Exact partners ≥ threshold of each query over streamed (ids, vectors) batches.
+
+    Returns (query index, partner id, cosine) for every partner other than the query itself.
+    Memory: the queries plus one batch × queries similarity matrix.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    t = np.float32(threshold)
+    qi_parts, pid, sims = [], [], []
+    qset = list(query_ids)
+    for ids, x in batches:
+        if x.shape[0] == 0 or q.shape[0] == 0:
+            continue
+        s = x @ q.T  # (batch, queries)
+        r, c = np.nonzero(s >= t)
+        if r.size:
+            ids_arr = np.asarray(ids, dtype=object)
+            other = ids_arr[r]
+            qid = np.asarray(qset, dtype=object)[c]
+            keep = other != qid
+            qi_parts.append(c[keep].astype(np.int64))
+            pid.extend(other[keep].tolist())
+            sims.append(s[r, c][keep].astype(np.float32))
+    if not qi_parts:
+        return np.zeros(0, np.int64), [], np.zeros(0, np.float32)
+    return np.concatenate(qi_parts), pid, np.concatenate(sims)
+
+
+def streamed_recall(
+    query_ids: Sequence[str],
+    partner_q: np.ndarray,
+    partner_ids: Sequence[str],
+    partner_sim: np.ndarray,
+    found_by: dict[tuple[str, str], int],
+    threshold: float,
+    n_clusterings: int,
+    seed: int = 0,
+    reps: int = 1000,
+) -> StreamedRecall:
+    """Recall from the sampled images' true partners and the candidate pairs that touch them
+    (`found_by[(a, b)]` with a < b)."""
+    qids = list(query_ids)
+    sampled = set(qids)
+    q_of, fb, keep = [], [], []
+    seen: set[tuple[str, str]] = set()
+    for q, other, s in zip(partner_q.tolist(), partner_ids, partner_sim.tolist()):
+        a, b = qids[q], other
+        key = (a, b) if a < b else (b, a)
+        if other in sampled:
+            if key in seen:
+                continue
+            seen.add(key)
+        bits = found_by.get(key)
+        if bits is None and s < threshold + TIE_EPS:
+            continue  # a rounding tie at τ, not a miss
+        q_of.append(q)
+        fb.append(-1 if bits is None else int(bits))
+    q_of_a = np.asarray(q_of, dtype=np.int64)
+    fb_a = np.asarray(fb, dtype=np.int64)
+    found = fb_a >= 0
+    m = len(qids)
+    true_per = np.bincount(q_of_a, minlength=m).astype(np.float64)
+    found_per = np.bincount(q_of_a, weights=found.astype(np.float64), minlength=m)
+    n_true, n_found = int(true_per.sum()), int(found_per.sum())
+    recall = n_found / n_true if n_true else 1.0
+    rng = np.random.default_rng(seed)
+    if n_true and m:
+        draws = rng.integers(0, m, size=(reps, m))
+        t_b, f_b = true_per[draws].sum(axis=1), found_per[draws].sum(axis=1)
+        boot = np.where(t_b > 0, f_b / np.maximum(t_b, 1), 1.0)
+        lo, hi = float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    else:
+        lo, hi = 0.0, 1.0
+    by_c = []
+    for c in range(1, n_clusterings + 1):
+        mask = (1 << min(c, 8)) - 1
+        fc = found & (((fb_a & mask) != 0) | (fb_a == 0))
+        by_c.append(float(fc.sum()) / n_true if n_true else 1.0)
+    dense_q = np.argsort(-true_per)[: max(1, m // 10)] if m else np.zeros(0, np.int64)
+    d_true, d_found = float(true_per[dense_q].sum()), float(found_per[dense_q].sum())
+    return StreamedRecall(
+        recall=float(recall), ci_low=lo, ci_high=hi, n_sampled=m, n_true_pairs=n_true, n_found=n_found,
+        by_n_clusterings=by_c, dense_recall=d_found / d_true if d_true else 1.0, dense_true_pairs=int(d_true),
         threshold=float(threshold),
     )

@@ -1,7 +1,14 @@
-"""Dedup stage: five clusterings, candidate pairs (+ recall check), duplicate groups.
+"""Dedup stage: five clusterings, the bucketed pair search (+ recall check), duplicate groups.
 
-These assets read the embeddings of every shard (they are not partitioned) and run in the `gpu`
-pool. The algorithms live in `dedup_assets.dedup`; this module reads, calls, writes, reports.
+Nothing here holds every vector or every id. `clusterings` fits each clustering on its own random
+sample read from the embedding store, then streams the store partition by partition: every
+vector is assigned to its nearest (and second-nearest) centroid of all clusterings in one pass
+and written to the bucket files of its clusters. `candidate_pairs` is a graph of steps: a plan
+step emits one dynamic output per bucket, one `search_bucket` step per bucket holds only that
+bucket's vectors (so executors run buckets in parallel processes, on Celery workers or on k8s
+pods with a GPU each), and a merge step unions the buckets' pairs in DuckDB. `duplicate_groups`
+runs the greedy no-chaining keeper rule in DuckDB. The algorithms live in `dedup_assets.dedup`,
+the tables and files in `dedup_assets.tables`; this module reads, calls, writes, reports.
 """
 
 
@@ -17,24 +24,48 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
+    AssetIn,
     Config,
     ConfigurableResource,
+    DynamicOut,
+    DynamicOutput,
+    In,
     MaterializeResult,
     MetadataValue,
+    Nothing,
+    OpExecutionContext,
     asset,
     asset_check,
+    graph_asset,
+    op,
 )
 from pydantic import Field
 
-from dedup_assets.dedup.groups import KeeperPolicy, build_groups
-from dedup_assets.dedup.incremental import needs_refit, pairs_with_new
+from dedup_assets.dedup.buckets import BucketPairs, choose_n_buckets, plan_buckets, route
+from dedup_assets.dedup.buckets import search_bucket as search_bucket_rows
+from dedup_assets.dedup.incremental import needs_refit
 from dedup_assets.dedup.kernels import describe_backend
-from dedup_assets.dedup.kmeans import Clustering, ClusteringConfig, assign, fit_clusterings
-from dedup_assets.dedup.pairs import Pairs, pairs_within_clusters, union_pairs
-from dedup_assets.dedup.recall import estimate_recall
+from dedup_assets.dedup.kmeans import assign_many, choose_k, default_subset_size, fit_centroids
+from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
-from dedup_assets.tables import resolve_threshold
+from dedup_assets.tables import (
+    BUCKET_PAIRS_SCHEMA,
+    CLUSTERINGS_SCHEMA,
+    CorpusFiles,
+    Fit,
+    build_duplicate_groups,
+    embedding_store,
+    forget_assignments,
+    merge_candidate_pairs,
+    pair_summary,
+    read_assigned_partitions,
+    read_fit,
+    record_assigned_partition,
+    resolve_threshold,
+    write_clusterings,
+    write_fit,
+)
 from dedup_assets.warehouse import Warehouse
 
 GROUP = "dedup"
@@ -47,92 +78,33 @@ class DedupResource(ConfigurableResource):
     k: int | None = Field(default=None, description="Clusters per clustering; None = rule by N (README).")
     subset_size: int | None = Field(default=None, description="Points per k-means fit; None = rule by N and K.")
     niter: int = Field(default=20)
-    soft: bool = Field(default=True, description="Also join each image's second-nearest cluster (0.96 → 0.996 recall at 1M in the benchmark).")
+    soft: bool = Field(default=True, description="Also join each image's second-nearest cluster (recall at ~4× the comparisons).")
     threshold: float | None = Field(
         default=None, description="Cosine τ for a duplicate pair; None = the embedder's calibrated value."
     )
     block_size: int = Field(default=4096, description="Rows per block in the pair search (memory bound).")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
-    keeper_policy: Literal["resolution", "centroid", "priority"] = Field(default="resolution")
+    n_buckets: int | None = Field(
+        default=None, description="Buckets of clusters = parallel pair-search steps; None = one per rows_per_bucket vectors (at least 2)."
+    )
+    rows_per_bucket: int = Field(default=200_000, description="The bucket rule's vectors per bucket (memory of one step).")
+    assign_batch_rows: int = Field(default=65_536, description="Vectors read and assigned at a time.")
+    keeper_policy: Literal["resolution", "priority"] = Field(default="resolution")
     priority_column: str | None = Field(
         default=None, description="image_index column whose highest value wins (policy 'priority')."
     )
-    split_below: float | None = Field(
-        default=None, description="Anti-chaining: members below this similarity to the keeper leave the group."
-    )
-    recall_sample: int = Field(default=1000, description="Images sampled by the recall estimate.")
+    recall_sample: int = Field(default=2000, description="Images sampled by the recall estimate.")
     recall_target: float = Field(default=0.95, description="The recall check warns below this.")
     seed: int = Field(default=0)
     incremental: bool = Field(
-        default=True, description="Assign new images to the stored centroids instead of refitting."
+        default=True, description="Assign new images to the stored centroids and search only their pairs."
     )
     refit_factor: float = Field(
         default=2.0, description="Refit anyway once the corpus exceeds this multiple of its size at the last fit."
     )
 
-    def clustering_config(self) -> ClusteringConfig:
-        return ClusteringConfig(
-            n_clusterings=self.n_clusterings,
-            k=self.k,
-            subset_size=self.subset_size,
-            niter=self.niter,
-            soft=self.soft,
-            seed=self.seed,
-            device=self.device,
-        )
-
     def tau(self, embedder: EmbedderResource) -> float:
         return resolve_threshold(self.threshold, embedder)
-
-
-def load_vectors(wh: Warehouse) -> tuple[list[str], np.ndarray, str]:
-    """All embeddings, ordered by image_id, and the single model id they come from."""
-    models = wh.query("SELECT DISTINCT model FROM embeddings")["model"].to_list()
-    if len(models) > 1:
-        raise RuntimeError(
-            f"the embeddings table mixes models {models}; re-embed every shard with one model first"
-        )
-    ids, x = wh.read_vectors("embeddings", "image_id", "embedding")
-    return ids, x, (models[0] if models else "")
-
-
-def load_pairs(wh: Warehouse, ids: list[str], drop_missing: bool = False) -> Pairs:
-    """The candidate_pairs table as index pairs into `ids` (sorted)."""
-    df = wh.read_table("candidate_pairs")
-    pos = {s: n for n, s in enumerate(ids)}
-    if drop_missing:  # images whose shard was removed or re-indexed away
-        df = df.filter(pl.col("image_a").is_in(ids) & pl.col("image_b").is_in(ids))
-    i = np.fromiter((pos[a] for a in df["image_a"].to_list()), dtype=np.int64, count=df.height)
-    j = np.fromiter((pos[b] for b in df["image_b"].to_list()), dtype=np.int64, count=df.height)
-    return Pairs(
-        i=i,
-        j=j,
-        sim=df["similarity"].to_numpy().astype(np.float32),
-        found_by=df["found_by"].to_numpy().astype(np.uint8),
-        comparisons=0,
-    )
-
-
-def load_clusterings(wh: Warehouse, ids: list[str], n_clusterings: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    df = wh.read_table("clusterings")
-    pos = {s: n for n, s in enumerate(ids)}
-    out: list[tuple[np.ndarray, np.ndarray | None]] = []
-    for c in range(n_clusterings):
-        part = df.filter(pl.col("clustering") == c)
-        labels = np.full(len(ids), -1, dtype=np.int64)
-        labels2 = np.full(len(ids), -1, dtype=np.int64)
-        idx = np.fromiter((pos[s] for s in part["image_id"].to_list()), dtype=np.int64, count=part.height)
-        labels[idx] = part["cluster"].to_numpy()
-        has2 = part["cluster2"].is_not_null().any()
-        if has2:
-            labels2[idx] = part["cluster2"].fill_null(-1).to_numpy()
-        if (labels < 0).any():
-            raise RuntimeError(
-                "clusterings do not cover every embedded image: re-materialize `clusterings` after "
-                "embedding new shards"
-            )
-        out.append((labels, labels2 if has2 else None))
-    return out
 
 
 class ClusteringsConfig(Config):
@@ -141,29 +113,32 @@ class ClusteringsConfig(Config):
     refit: bool = False
 
 
-CLUSTERINGS_SCHEMA = {"image_id": pl.String, "clustering": pl.Int32, "cluster": pl.Int32, "cluster2": pl.Int32}
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _clustering_rows(ids: list[str], index: int, labels: np.ndarray, labels2: np.ndarray | None) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "image_id": ids,
-            "clustering": np.full(len(ids), index, dtype=np.int32),
-            "cluster": labels.astype(np.int32),
-            "cluster2": labels2.astype(np.int32) if labels2 is not None else None,
-        },
-        schema=CLUSTERINGS_SCHEMA,
+def _fit(store, n: int, model: str, dedup: DedupResource, log) -> tuple[Fit, list[np.ndarray], float]:  # noqa: ANN001
+    """Fit every clustering on its own random sample of the store, then plan the buckets."""
+    t0 = time.perf_counter()
+    k = dedup.k or choose_k(n)
+    subset = min(n, dedup.subset_size) if dedup.subset_size else default_subset_size(n, k)
+    cents, loads = [], []
+    for c in range(dedup.n_clusterings):
+        t1 = time.perf_counter()
+        _, sample = store.sample(subset, seed=dedup.seed + 1000 * (c + 1))
+        cc, load = fit_centroids(sample, k, dedup.niter, dedup.seed + c, dedup.device)
+        cents.append(cc)
+        loads.append(load)
+        log(f"clustering {c}: K={cc.shape[0]} fitted on {sample.shape[0]} sampled vectors of {n} in {time.perf_counter() - t1:.1f}s")
+    nb = dedup.n_buckets or choose_n_buckets(n, cents[0].shape[0], dedup.rows_per_bucket)
+    buckets = plan_buckets(cents, loads, nb, seed=dedup.seed)
+    fit = Fit(
+        fit_id=uuid.uuid4().hex[:12], model=model, n_at_fit=n, subset_size=int(subset),
+        n_buckets=int(max(1, min(nb, cents[0].shape[0]))), soft=dedup.soft,
+        centroids=cents, buckets=buckets,
     )
-
-
-def _stored_fit(wh: Warehouse, model: str, dedup: DedupResource) -> pl.DataFrame | None:
-    """The stored centroids when they can serve new vectors (same model, same number of clusterings)."""
-    if not (wh.table_exists("clustering_centroids") and wh.table_exists("clusterings")):
-        return None
-    cents = wh.read_table("clustering_centroids", order_by="clustering, cluster")
-    if cents.height == 0 or cents["model"][0] != model or cents["clustering"].n_unique() != dedup.n_clusterings:
-        return None
-    return cents
+    return fit, loads, time.perf_counter() - t0
 
 
 @asset(
@@ -173,117 +148,123 @@ def _stored_fit(wh: Warehouse, model: str, dedup: DedupResource) -> pl.DataFrame
     kinds={"duckdb", "faiss"},
     description=(
         "One row per (image, clustering): the k-means cluster of every embedded image in each of "
-        "the clusterings, each fitted on a different random subset (cluster2 = second-nearest "
-        "cluster when soft assignment is on). New images are assigned to the stored centroids "
-        "until the corpus outgrows them (refit_factor) or a refit is asked for."
+        "the clusterings, each fitted on a different random sample of the store (cluster2 = second-"
+        "nearest cluster when soft assignment is on). Also writes every vector to the bucket files "
+        "of its clusters for the bucketed pair search. New or changed partitions are assigned to the "
+        "stored centroids until the corpus outgrows them (refit_factor) or a refit is asked for."
     ),
 )
 def clusterings(
     context: AssetExecutionContext, config: ClusteringsConfig, dedup: DedupResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
     wh = warehouse.get()
-    context.log.info(describe_backend(dedup.device))
-    ids, x, model = load_vectors(wh)
+    log = context.log.info
+    log(describe_backend(dedup.device))
+    store = embedding_store(wh)
+    models = sorted(store.models())
+    if len(models) > 1:
+        raise RuntimeError(f"the embedding store mixes models {models}; re-embed every shard with one model first")
+    model = models[0] if models else ""
+    counts = store.counts()
+    n = int(sum(counts.values()))
+    files = CorpusFiles(wh)
     started = time.perf_counter()
-    stored = None if config.refit or not dedup.incremental else _stored_fit(wh, model, dedup)
-    n_at_fit = int(stored["n_at_fit"][0]) if stored is not None else 0
-    if stored is not None and needs_refit(len(ids), n_at_fit, dedup.refit_factor):
-        context.log.info(f"corpus grew from {n_at_fit} to {len(ids)} images (> {dedup.refit_factor}×): refitting")
-        stored = None
-
-    if stored is not None:
-        mode = "incremental"
-        old = wh.read_table("clusterings").filter(pl.col("image_id").is_in(ids))
-        known = set(old["image_id"].unique().to_list())
-        new_rows = [r for r, i in enumerate(ids) if i not in known]
-        new_ids = [ids[r] for r in new_rows]
-        frames = [old]
-        centroids_by_c = {}
-        for c in range(dedup.n_clusterings):
-            part = stored.filter(pl.col("clustering") == c)
-            centroids = np.ascontiguousarray(np.stack(part["centroid"].to_numpy()).astype(np.float32))
-            centroids_by_c[c] = centroids
-            labels, labels2 = assign(x[new_rows], centroids, soft=dedup.soft, device=dedup.device) if new_rows else (
-                np.zeros(0, np.int32), np.zeros(0, np.int32) if dedup.soft else None)
-            frames.append(_clustering_rows(new_ids, c, labels, labels2))
-        df = pl.concat(frames).sort("clustering", "image_id")
-        wh.replace_table("clusterings", df)
-        fit_id = str(stored["fit_id"][0])
-        k = int(stored.filter(pl.col("clustering") == 0).height)
-        subset = int(stored["subset_size"][0])
-        sizes = [
-            np.bincount(df.filter(pl.col("clustering") == c)["cluster"].to_numpy(), minlength=centroids_by_c[c].shape[0])
-            for c in range(dedup.n_clusterings)
-        ]
-        fit_s, assign_s = 0.0, time.perf_counter() - started
-        context.log.info(f"assigned {len(new_ids)} new images to the stored centroids (fit {fit_id})")
-    else:
+    fit = None if config.refit or not dedup.incremental else read_fit(wh)
+    if fit is not None and (fit.model != model or fit.n_clusterings != dedup.n_clusterings or fit.soft != dedup.soft):
+        log("the stored fit is for another model or settings: refitting")
+        fit = None
+    if fit is not None and needs_refit(n, fit.n_at_fit, dedup.refit_factor):
+        log(f"corpus grew from {fit.n_at_fit} to {n} images (> {dedup.refit_factor}×): refitting")
+        fit = None
+    fit_s = 0.0
+    if fit is None:
         mode = "full"
-        fitted: list[Clustering] = fit_clusterings(x, dedup.clustering_config(), log=context.log.info)
-        fit_id = uuid.uuid4().hex[:12]
-        df = (
-            pl.concat([_clustering_rows(ids, c.index, c.labels, c.labels2) for c in fitted])
-            if fitted else pl.DataFrame(schema=CLUSTERINGS_SCHEMA)
-        )
-        wh.replace_table("clusterings", df)
-        if fitted:
-            wh.replace_table(
-                "clustering_centroids",
-                pl.concat(
-                    [
-                        pl.DataFrame(
-                            {
-                                "clustering": np.full(c.k, c.index, dtype=np.int32),
-                                "cluster": np.arange(c.k, dtype=np.int32),
-                                "centroid": c.centroids.astype(np.float32),
-                                "model": [model] * c.k,
-                                "fit_id": [fit_id] * c.k,
-                                "n_at_fit": np.full(c.k, len(ids), dtype=np.int64),
-                                "subset_size": np.full(c.k, c.subset_size, dtype=np.int64),
-                            },
-                            schema={
-                                "clustering": pl.Int32, "cluster": pl.Int32,
-                                "centroid": pl.Array(pl.Float32, int(c.centroids.shape[1])),
-                                "model": pl.String, "fit_id": pl.String, "n_at_fit": pl.Int64,
-                                "subset_size": pl.Int64,
-                            },
-                        )
-                        for c in fitted
-                    ]
-                ),
-            )
-        new_ids = ids
-        k = fitted[0].k if fitted else 0
-        subset = fitted[0].subset_size if fitted else 0
-        sizes = [np.bincount(c.labels, minlength=c.k) for c in fitted]
-        fit_s = sum(c.fit_seconds for c in fitted)
-        assign_s = sum(c.assign_seconds for c in fitted)
-    seconds = time.perf_counter() - started
+        if n == 0:
+            forget_assignments(wh)
+            return MaterializeResult(metadata={"dagster/row_count": 0, "mode": "empty", "images": 0})
+        fit, loads, fit_s = _fit(store, n, model, dedup, log)
+        write_fit(wh, fit, loads)
+        forget_assignments(wh)
+    else:
+        mode = "incremental"
+    files.drop_other_fits(fit.fit_id)
 
+    assigned = read_assigned_partitions(wh, fit.fit_id)
+    stamps = {p: _stamp(store.path_of(p)) for p in counts}
+    for p in sorted(set(assigned) - set(counts)):  # partitions whose vectors are gone
+        files.delete_partition(fit.fit_id, p)
+        forget_assignments(wh, p)
+    todo = [p for p in sorted(counts) if assigned.get(p) != stamps[p]]
+    new_rows = sum(counts[p] for p in todo)
+    done = 0
+    spill_rows = 0
+    t_assign = time.perf_counter()
+    for p in todo:
+        files.delete_partition(fit.fit_id, p)
+        frames = []
+        for batch_no, (_, ids, x) in enumerate(store.iter_batches([p], batch_rows=dedup.assign_batch_rows)):
+            labels = assign_many(x, fit.centroids, soft=fit.soft, device=dedup.device)
+            for b, r in route(labels, fit.buckets).items():
+                files.write_batch(
+                    fit.fit_id, b, p, batch_no, [ids[i] for i in r.rows.tolist()], x[r.rows],
+                    {"vec": r.vec, "clustering": r.clustering, "cluster": r.cluster, "cluster2": r.cluster2},
+                )
+                spill_rows += int(r.rows.size)
+            m = len(ids)
+            frames.append(pl.DataFrame(
+                {
+                    "image_id": ids * fit.n_clusterings,
+                    "shard": [p] * (m * fit.n_clusterings),
+                    "clustering": np.repeat(np.arange(fit.n_clusterings, dtype=np.int32), m),
+                    "cluster": np.concatenate([lab[0] for lab in labels]).astype(np.int32),
+                    "cluster2": (np.concatenate([lab[1] for lab in labels]).astype(np.int32) if fit.soft else None),
+                },
+                schema=CLUSTERINGS_SCHEMA,
+            ))
+            done += m
+        write_clusterings(wh, p, pl.concat(frames) if frames else pl.DataFrame(schema=CLUSTERINGS_SCHEMA))
+        record_assigned_partition(wh, p, fit.fit_id, counts[p], stamps[p])
+        dt = time.perf_counter() - t_assign
+        log(f"assigned partition {p}: {done}/{new_rows} vectors ({done / max(dt, 1e-9):.0f}/s)")
+    assign_s = time.perf_counter() - t_assign
+    bucket_rows = [sum(pq_rows(s) for _, s in files.batches(fit.fit_id, b)) for b in range(fit.n_buckets)]
+    sizes = wh.query("SELECT cluster, count(*) AS n FROM clusterings WHERE clustering = 0 GROUP BY cluster")
+    size_arr = np.bincount(sizes["cluster"].to_numpy(), weights=sizes["n"].to_numpy(), minlength=fit.k) if sizes.height else np.zeros(fit.k)
     meta = {
-        "dagster/row_count": df.height,
+        "dagster/row_count": n * fit.n_clusterings,
         "mode": mode,
-        "fit_id": fit_id,
-        "images": len(ids),
-        "newly_assigned": len(new_ids),
+        "fit_id": fit.fit_id,
+        "images": n,
+        "newly_assigned": new_rows,
+        "partitions_assigned": len(todo),
         "model": model,
-        "clusterings": dedup.n_clusterings,
-        "K": k,
-        "subset_size": subset,
+        "clusterings": fit.n_clusterings,
+        "K": fit.k,
+        "subset_size": fit.subset_size,
+        "buckets": fit.n_buckets,
+        "vectors_per_bucket": MetadataValue.json(bucket_rows),
+        "bucket_copies_per_image": round(sum(bucket_rows) / max(n, 1), 3),
+        "bucket_files_bytes": files.spill_bytes(fit.fit_id),
         "fit_seconds": round(fit_s, 3),
         "assign_seconds": round(assign_s, 3),
-        "seconds": round(seconds, 3),
-        "empty_clusters": MetadataValue.json([int((sz == 0).sum()) for sz in sizes]),
-        "largest_cluster": MetadataValue.json([int(sz.max()) if sz.size else 0 for sz in sizes]),
+        "assigned_per_second": round(new_rows / max(assign_s, 1e-9), 1),
+        "seconds": round(time.perf_counter() - started, 3),
+        "empty_clusters": int((size_arr == 0).sum()),
+        "largest_cluster": int(size_arr.max()) if size_arr.size else 0,
     }
-    if len(ids) and sizes:
-        hist_labels, hist_values = _size_histogram(sizes[0])
+    if n:
+        hist_labels, hist_values = _size_histogram(size_arr)
         meta["cluster_sizes_plot"] = png_markdown(
             bar_plot_png(hist_labels, hist_values, "cluster sizes (clustering 0)", "images per cluster", "clusters"),
             "cluster size distribution",
         )
     return MaterializeResult(metadata=meta)
 
+
+def pq_rows(stem: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(f"{stem}.ids.parquet").metadata.num_rows)
 
 def _size_histogram(sizes: np.ndarray) -> tuple[list[str], list[float]]:
     edges = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10**12]
@@ -297,109 +278,179 @@ def _size_histogram(sizes: np.ndarray) -> tuple[list[str], list[float]]:
     return labels, values
 
 
-@asset(
-    group_name=GROUP,
-    deps=["clusterings"],
-    pool="gpu",
-    kinds={"duckdb", "numpy"},
-    description=(
-        "One row per candidate duplicate pair (image_a < image_b) with cosine ≥ τ, found by an "
-        "exact search inside shared clusters; found_by is a bitmask of the clusterings that found it."
-    ),
+@op(
+    ins={"after": In(Nothing)},
+    out=DynamicOut(int),
+    description="One dynamic output per bucket of the current fit (each becomes a search_bucket step).",
 )
-def candidate_pairs(
-    context: AssetExecutionContext,
-    dedup: DedupResource,
-    embedder: EmbedderResource,
-    warehouse: WarehouseResource,
-) -> MaterializeResult:
-    wh = warehouse.get()
-    context.log.info(describe_backend(dedup.device))
-    ids, x, _ = load_vectors(wh)
-    tau = dedup.tau(embedder)
-    fit_id = str(wh.query("SELECT any_value(fit_id) AS f FROM clustering_centroids")["f"][0])
-    labels_by_c = load_clusterings(wh, ids, dedup.n_clusterings)
-    searched = (
-        wh.read_table("candidate_pairs_searched")
-        if wh.table_exists("candidate_pairs_searched") and wh.table_exists("candidate_pairs") else None
-    )
-    incremental = (
-        searched is not None and searched.height > 0
-        and set(searched["fit_id"].to_list()) == {fit_id} and searched["threshold"][0] == tau
-    )
-    started = time.perf_counter()
-    per: list[Pairs] = []
-    if incremental:
-        known = set(searched["image_id"].to_list())
-        is_new = np.fromiter((i not in known for i in ids), dtype=bool, count=len(ids))
-        old = load_pairs(wh, ids, drop_missing=True)
-        context.log.info(f"incremental search: {int(is_new.sum())} new images against {len(ids)} (fit {fit_id})")
-    for c, (labels, labels2) in enumerate(labels_by_c):
-        t0 = time.perf_counter()
-        if incremental:
-            p = pairs_with_new(x, labels, labels2, is_new, tau, block_size=dedup.block_size, clustering_index=c)
-        else:
-            p = pairs_within_clusters(
-                x, labels, labels2, threshold=tau, block_size=dedup.block_size, device=dedup.device,
-                clustering_index=c,
-            )
-        per.append(p)
-        context.log.info(
-            f"clustering {c}: {len(p)} pairs, {p.comparisons} comparisons in {time.perf_counter() - t0:.2f}s"
-        )
-    union = union_pairs(per) if per else Pairs.empty()
-    new_pairs = len(union)
-    if incremental:
-        union = union_pairs([old, union])
-    ids_arr = np.array(ids, dtype=object)
-    df = pl.DataFrame(
-        {
-            "image_a": ids_arr[union.i].tolist() if len(union) else [],
-            "image_b": ids_arr[union.j].tolist() if len(union) else [],
-            "similarity": union.sim.astype(np.float32),
-            "found_by": union.found_by.astype(np.uint8),
-        },
-        schema={"image_a": pl.String, "image_b": pl.String, "similarity": pl.Float32, "found_by": pl.UInt8},
-    ).sort("image_a", "image_b")
-    wh.replace_table("candidate_pairs", df)
-    wh.replace_table(
-        "candidate_pairs_searched",
-        pl.DataFrame({"image_id": ids, "fit_id": [fit_id] * len(ids), "threshold": [tau] * len(ids)},
-                     schema={"image_id": pl.String, "fit_id": pl.String, "threshold": pl.Float64}),
-    )
-    seconds = time.perf_counter() - started
+def plan_bucket_search(context: OpExecutionContext, warehouse: WarehouseResource):  # noqa: ANN201
+    fit = read_fit(warehouse.get())
+    if fit is None:
+        context.log.info("no clustering fit (empty corpus): nothing to search")
+        yield DynamicOutput(-1, mapping_key="none")
+        return
+    context.log.info(f"fit {fit.fit_id}: {fit.n_buckets} bucket(s) to search")
+    for b in range(fit.n_buckets):
+        yield DynamicOutput(b, mapping_key=f"bucket_{b:04d}")
 
-    cumulative = []
-    mask = 0
-    for c in range(len(per)):
-        mask |= 1 << c
-        cumulative.append(int(((union.found_by & mask) != 0).sum()))
-    gains = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])] if cumulative else []
-    comparisons = sum(p.comparisons for p in per)
-    n = len(ids)
+
+def _as_str_array(values: list[str]) -> np.ndarray:
+    return np.asarray(values, dtype=object)
+
+
+@op(
+    pool="gpu",
+    tags={"dedup-assets/step": "bucket"},
+    description="Exact pairs ≥ τ inside every cluster of one bucket (all clusterings); writes the bucket's pair file.",
+)
+def search_bucket(
+    context: OpExecutionContext, bucket: int, dedup: DedupResource, embedder: EmbedderResource,
+    warehouse: WarehouseResource,
+) -> dict:
+    t0 = time.perf_counter()
+    wh = warehouse.get()
+    fit = read_fit(wh)
+    tau = dedup.tau(embedder)
+    if fit is None or bucket < 0:
+        return {"bucket": bucket, "vectors": 0, "pairs": 0, "new_pairs": 0, "comparisons": 0, "seconds": 0.0,
+                "mode": "empty"}
+    context.log.info(describe_backend(dedup.device))
+    files = CorpusFiles(wh)
+    data = files.read_bucket(fit.fit_id, bucket, int(fit.centroids[0].shape[1]))
+    stem_part = {stem.name: key for key, stem in files.batches(fit.fit_id, bucket)}
+    manifest = files.read_pairs_manifest(fit.fit_id, bucket) if dedup.incremental else None
+    old = None
+    is_new = None
+    mode = "full"
+    if (manifest and manifest.get("fit_id") == fit.fit_id and manifest.get("threshold") == tau
+            and files.pairs_path(fit.fit_id, bucket).exists()):
+        before = manifest.get("stamps", {})
+        dirty = {stem_part[s] for s, st in data.stamps.items() if before.get(s) != st}
+        dirty |= {manifest.get("partitions", {}).get(s, "") for s in set(before) - set(data.stamps)}
+        old = files.read_bucket_pairs(fit.fit_id, bucket)
+        if dirty:
+            old = old.filter(~pl.col("shard_a").is_in(list(dirty)) & ~pl.col("shard_b").is_in(list(dirty)))
+        dirty_idx = [i for i, key in enumerate(data.partitions) if key in dirty]
+        is_new = np.isin(data.partition_of, dirty_idx)
+        mode = "incremental"
+    ent = data.entries
+    n_vec = len(data.ids)
+    context.log.info(
+        f"bucket {bucket}: {n_vec} vectors, {ent['vec'].size} cluster entries"
+        + (f" ({int(is_new.sum())} new)" if is_new is not None else "")
+    )
+
+    def progress(done: int, total: int) -> None:
+        context.log.info(f"bucket {bucket}: clustering {done}/{total} searched after {time.perf_counter() - t0:.1f}s")
+
+    if is_new is not None and not is_new.any():
+        z = np.zeros(0, np.int64)
+        bp = BucketPairs(z, z.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), 0, 0, 0)
+    else:
+        bp = search_bucket_pairs(data, ent, tau, dedup, is_new, progress)
+    ids = _as_str_array(data.ids)
+    a, b = ids[bp.vi], ids[bp.vj]
+    swap = (b < a).astype(bool) if len(bp) else np.zeros(0, bool)
+    parts = _as_str_array(data.partitions)
+    pa_, pb_ = parts[data.partition_of[bp.vi]], parts[data.partition_of[bp.vj]]
+    new_df = pl.DataFrame(
+        {
+            "image_a": np.where(swap, b, a).tolist(), "image_b": np.where(swap, a, b).tolist(),
+            "similarity": bp.sim, "found_by": bp.found_by,
+            "shard_a": np.where(swap, pb_, pa_).tolist(), "shard_b": np.where(swap, pa_, pb_).tolist(),
+        },
+        schema=BUCKET_PAIRS_SCHEMA,
+    )
+    df = pl.concat([old.select(list(BUCKET_PAIRS_SCHEMA)), new_df]) if old is not None else new_df
+    files.write_bucket_pairs(
+        fit.fit_id, bucket, df,
+        {"fit_id": fit.fit_id, "threshold": tau, "stamps": data.stamps, "partitions": stem_part},
+    )
+    seconds = time.perf_counter() - t0
+    context.log.info(
+        f"bucket {bucket}: {len(bp)} new pairs ({df.height} in all), {bp.comparisons:,} comparisons in {seconds:.1f}s "
+        f"({bp.comparisons / max(seconds, 1e-9) / 1e6:.1f}M/s), largest cluster {bp.largest_cluster}"
+    )
+    return {
+        "bucket": bucket, "vectors": n_vec, "entries": int(ent["vec"].size), "pairs": df.height, "new_pairs": len(bp),
+        "comparisons": int(bp.comparisons), "largest_cluster": bp.largest_cluster, "seconds": round(seconds, 3),
+        "mode": mode,
+    }
+
+
+def search_bucket_pairs(data, ent: dict, tau: float, dedup: DedupResource, is_new, progress):  # noqa: ANN001, ANN201
+    return search_bucket_rows(
+        data.vectors.take, ent["vec"], ent["clustering"], ent["cluster"], ent["cluster2"], tau,
+        block_size=dedup.block_size, device=dedup.device, is_new=is_new, progress=progress,
+    )
+
+
+@op(description="candidate_pairs = the union of every bucket's pairs (DuckDB), with its metadata.")
+def merge_bucket_pairs(
+    context: OpExecutionContext, searched: list[dict], dedup: DedupResource, embedder: EmbedderResource,
+    warehouse: WarehouseResource,
+) -> dict:
+    t0 = time.perf_counter()
+    wh = warehouse.get()
+    fit = read_fit(wh)
+    files = CorpusFiles(wh)
+    paths = files.pair_files(fit.fit_id, fit.n_buckets) if fit is not None else []
+    rows = merge_candidate_pairs(wh, paths)
+    n_c = fit.n_clusterings if fit is not None else dedup.n_clusterings
+    summary = pair_summary(wh, n_c)
+    cum = summary["cumulative"]
+    gains = [cum[0]] + [b - a for a, b in zip(cum, cum[1:])] if cum else []
+    n = int(wh.query("SELECT count(*) AS n FROM clusterings WHERE clustering = 0")["n"][0]) if fit is not None else 0
     all_pairs = n * (n - 1) // 2
-    return MaterializeResult(
-        metadata={
-            "dagster/row_count": df.height,
-            "mode": "incremental" if incremental else "full",
-            "new_pairs": new_pairs,
-            "threshold": tau,
-            "pairs_per_clustering": MetadataValue.json([len(p) for p in per]),
+    comparisons = sum(int(s.get("comparisons", 0)) for s in searched)
+    bucket_seconds = [float(s.get("seconds", 0.0)) for s in sorted(searched, key=lambda s: s["bucket"])]
+    modes = {s.get("mode") for s in searched}
+    seconds = time.perf_counter() - t0
+    preview = wh.query("SELECT * FROM candidate_pairs ORDER BY similarity DESC LIMIT 10")
+    context.add_output_metadata(
+        {
+            "dagster/row_count": rows,
+            "mode": "incremental" if modes == {"incremental"} else ("empty" if modes <= {"empty"} else "full"),
+            "new_pairs": sum(int(s.get("new_pairs", 0)) for s in searched),
+            "threshold": dedup.tau(embedder),
+            "buckets": len(searched),
+            "bucket_seconds": MetadataValue.json(bucket_seconds),
+            "bucket_vectors": MetadataValue.json([int(s.get("vectors", 0)) for s in sorted(searched, key=lambda s: s["bucket"])]),
+            "pairs_per_clustering": MetadataValue.json(summary["per_clustering"]),
             "marginal_gain_per_added_clustering": MetadataValue.json(gains),
             "comparisons": int(comparisons),
             "all_pairs_n2_over_2": all_pairs,
             "comparison_fraction": round(comparisons / all_pairs, 6) if all_pairs else 0.0,
-            "seconds": round(seconds, 3),
-            "preview": markdown_preview(df.sort("similarity", descending=True)),
+            "merge_seconds": round(seconds, 3),
+            "search_seconds_sum": round(sum(bucket_seconds), 3),
+            "preview": markdown_preview(preview),
         }
     )
+    return {"pairs": rows, "fit_id": fit.fit_id if fit is not None else None}
+
+
+@graph_asset(
+    group_name=GROUP,
+    ins={"clusterings": AssetIn(dagster_type=Nothing)},
+    kinds={"duckdb", "numpy"},
+    description=(
+        "One row per candidate duplicate pair (image_a < image_b) with cosine ≥ τ, found by an "
+        "exact search inside shared clusters; found_by is a bitmask of the clusterings that found "
+        "it. Computed as one search_bucket step per bucket of clusters (parallel under the "
+        "multiprocess, Celery or k8s executors), then merged in DuckDB."
+    ),
+)
+def candidate_pairs(clusterings):  # noqa: ANN001, ANN201
+    searched = plan_bucket_search(after=clusterings).map(search_bucket)
+    return merge_bucket_pairs(searched.collect())
 
 
 @asset_check(
     asset=candidate_pairs,
     description=(
-        "Recall estimate: samples images, finds their exact neighbours over all vectors, and warns "
-        "when the fraction present in candidate_pairs is below the target."
+        "Recall estimate: samples images from the store, finds their exact neighbours ≥ τ by "
+        "streaming every vector, and warns when the fraction present in candidate_pairs is below "
+        "the target (bootstrap interval over the sampled images)."
     ),
 )
 def candidate_pairs_recall(
@@ -409,23 +460,40 @@ def candidate_pairs_recall(
     warehouse: WarehouseResource,
 ) -> AssetCheckResult:
     wh = warehouse.get()
-    ids, x, _ = load_vectors(wh)
-    pairs = load_pairs(wh, ids)
+    store = embedding_store(wh)
     tau = dedup.tau(embedder)
-    est = estimate_recall(x, pairs, tau, dedup.n_clusterings, sample_size=dedup.recall_sample, seed=dedup.seed)
+    t0 = time.perf_counter()
+    qids, q = store.sample(dedup.recall_sample, seed=dedup.seed + 7)
+    batches = ((ids, x) for _, ids, x in store.iter_batches(batch_rows=65_536))
+    pq_, pid, psim = sampled_true_pairs(batches, qids, q, tau)
+    sample_df = pl.DataFrame({"image_id": qids})
+    with wh.connect() as con:
+        con.register("__sample", sample_df)
+        hits = con.sql(
+            "SELECT p.image_a, p.image_b, p.found_by FROM candidate_pairs p WHERE p.image_a IN (SELECT image_id FROM __sample) "
+            "OR p.image_b IN (SELECT image_id FROM __sample)"
+        ).pl()
+        con.unregister("__sample")
+    found = {(a, b): int(f) for a, b, f in hits.iter_rows()}
+    fit = read_fit(wh)
+    n_c = fit.n_clusterings if fit is not None else dedup.n_clusterings
+    est = streamed_recall(qids, pq_, pid, psim, found, tau, n_c, seed=dedup.seed)
     curve = {str(c + 1): round(r, 4) for c, r in enumerate(est.by_n_clusterings)}
     return AssetCheckResult(
         passed=est.recall >= dedup.recall_target,
         severity=AssetCheckSeverity.WARN,
         metadata={
             "recall": round(est.recall, 4),
-            "ci_95": MetadataValue.json([round(est.ci_low, 4), round(est.ci_high, 4)]),
+            "ci_95_bootstrap": MetadataValue.json([round(est.ci_low, 4), round(est.ci_high, 4)]),
             "target": dedup.recall_target,
             "sampled_images": est.n_sampled,
             "true_pairs_of_sample": est.n_true_pairs,
             "found": est.n_found,
+            "dense_decile_recall": round(est.dense_recall, 4),
+            "dense_decile_true_pairs": est.dense_true_pairs,
             "recall_by_number_of_clusterings": MetadataValue.json(curve),
             "threshold": tau,
+            "seconds": round(time.perf_counter() - t0, 3),
         },
     )
 
@@ -433,73 +501,74 @@ def candidate_pairs_recall(
 @asset(
     group_name=GROUP,
     deps=["candidate_pairs", "image_index"],
-    pool="gpu",
-    kinds={"duckdb", "python"},
+    kinds={"duckdb"},
     description=(
-        "One row per image that belongs to a duplicate group of two or more: group_id, whether it "
-        "is the group's keeper, its similarity to the keeper, and the group's size and tightness."
+        "One row per image that belongs to a duplicate group of two or more: group_id (the "
+        "keeper's image_id), whether it is the keeper, its similarity to the keeper, and the "
+        "group's size and tightness. No chaining: every removed image has a pair ≥ τ with its "
+        "keeper (greedy keepers in rank order, README 'Duplicate groups')."
     ),
 )
 def duplicate_groups(
     context: AssetExecutionContext, dedup: DedupResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
     wh = warehouse.get()
-    ids, x, _ = load_vectors(wh)
-    pairs = load_pairs(wh, ids)
-    extra = [dedup.priority_column] if dedup.keeper_policy == "priority" and dedup.priority_column else []
-    info = (
-        wh.read_table("image_index", columns=["image_id", "width", "height", "bytes", *extra])
-        .join(pl.DataFrame({"image_id": ids}), on="image_id", how="right")
-        .select("image_id", "width", "height", "bytes", *extra)
-    )
     started = time.perf_counter()
-    groups = build_groups(
-        x,
-        pairs,
-        ids,
-        policy=KeeperPolicy(name=dedup.keeper_policy),
-        width=info["width"].fill_null(0).to_numpy(),
-        height=info["height"].fill_null(0).to_numpy(),
-        file_bytes=info["bytes"].fill_null(0).to_numpy(),
-        priority=info[dedup.priority_column].to_numpy() if extra else None,
-        split_below=dedup.split_below,
+    stats = build_duplicate_groups(
+        wh, policy=dedup.keeper_policy, priority_column=dedup.priority_column, log=context.log.info
     )
-    wh.replace_table("duplicate_groups", groups)
+    if stats["removed_without_pair_to_keeper"]:
+        raise RuntimeError(
+            f"{stats['removed_without_pair_to_keeper']} removed image(s) have no pair with their keeper; this is a bug"
+        )
     seconds = time.perf_counter() - started
-    n_groups = groups.filter(pl.col("is_keeper")).height
-    sizes = groups.filter(pl.col("is_keeper"))["group_size"].to_numpy() if n_groups else np.zeros(0)
+    largest = wh.query(
+        "SELECT group_id, group_size, group_min_similarity, group_diameter FROM duplicate_groups "
+        "WHERE is_keeper ORDER BY group_size DESC, group_id LIMIT 10"
+    )
     meta = {
-        "dagster/row_count": groups.height,
-        "groups": n_groups,
-        "images_removed_as_duplicates": groups.height - n_groups,
-        "largest_group": int(sizes.max()) if sizes.size else 0,
+        "dagster/row_count": stats["rows"],
+        "groups": stats["groups"],
+        "images_removed_as_duplicates": stats["rows"] - stats["groups"],
+        "largest_group": stats["largest_group"],
+        "policy": f"greedy keepers, no chaining (keeper rank: {dedup.keeper_policy})",
+        "sql_rounds": stats["rounds"],
+        "finished_in_numpy": stats["residual"],
         "seconds": round(seconds, 3),
-        "largest_groups": markdown_preview(
-            groups.filter(pl.col("is_keeper")).sort("group_size", descending=True).select(
-                "group_id", "group_size", "group_min_similarity", "group_diameter"
-            )
-        ),
+        "largest_groups": markdown_preview(largest),
     }
-    if sizes.size:
-        vals, counts = np.unique(sizes, return_counts=True)
+    sizes = stats["sizes"]
+    if sizes:
+        meta["groups_by_size"] = MetadataValue.json({str(a): b for a, b in sizes[:50]})
         meta["group_size_histogram"] = png_markdown(
-            bar_plot_png([str(v) for v in vals[:30]], counts[:30].astype(float).tolist(), "duplicate group sizes", "members", "groups"),
+            bar_plot_png([str(a) for a, _ in sizes[:30]], [float(b) for _, b in sizes[:30]],
+                         "duplicate group sizes", "members", "groups"),
             "group size histogram",
         )
-    review = _write_review(wh, groups, warehouse)
+    review = _write_review(wh, warehouse)
     if review is not None:
         meta["review_page"] = MetadataValue.path(str(review))
     return MaterializeResult(metadata=meta)
 
 
-def _write_review(wh: Warehouse, groups: pl.DataFrame, warehouse: WarehouseResource) -> Path | None:
-    """The static HTML page for looking through groups (written next to the warehouse)."""
+REVIEW_GROUPS = 500  # groups shown on the review page (largest, then loosest)
+
+def _write_review(wh: Warehouse, warehouse: WarehouseResource) -> Path | None:
+    """The static HTML page for looking through groups (written next to the warehouse): the
+    REVIEW_GROUPS largest groups and the REVIEW_GROUPS loosest, so the page stays small."""
     from dedup_assets.audit.report import write_groups_review_html
 
+    groups = wh.query(
+        "WITH shown AS (SELECT group_id FROM (SELECT group_id FROM duplicate_groups WHERE is_keeper "
+        "ORDER BY group_size DESC, group_id LIMIT $n) UNION (SELECT group_id FROM duplicate_groups WHERE is_keeper "
+        "ORDER BY group_min_similarity, group_id LIMIT $n)) "
+        "SELECT d.* FROM duplicate_groups d JOIN shown USING (group_id) ORDER BY group_id, image_id",
+        {"n": REVIEW_GROUPS},
+    )
     if groups.height == 0:
         return None
     locs = wh.query(
         "SELECT i.image_id, i.location FROM image_index i JOIN duplicate_groups g USING (image_id)"
-    )
+    ).join(groups.select("image_id"), on="image_id", how="semi")
     locations = dict(zip(locs["image_id"].to_list(), locs["location"].to_list()))
     return write_groups_review_html(groups, locations, warehouse.directory / "duplicate_groups.html")

@@ -1,0 +1,302 @@
+"""Buckets of clusters: how the corpus-wide pair search is cut into steps of bounded size.
+
+The five clusterings give every vector a cluster (and, with soft assignment, a second one) in
+each clustering. A *bucket* is a set of clusters of every clustering; the pair search of one
+bucket is one Dagster step, which holds only the vectors routed to that bucket.
+
+Planning (`plan_buckets`): the clusters of clustering 0 are grouped into `n_buckets`
+super-clusters (spherical k-means of its centroids, seeded), and the clusters of every
+clustering are placed with the nearest super-centroid that still has room (clusters taken
+largest first, room = `BALANCE` × the mean load, load = the cluster's share of its fit sample).
+So a vector's clusters in all clusterings usually fall in the same bucket: it is written to
+about one bucket instead of up to 2 × 5, and the buckets carry similar loads.
+
+Routing (`route`): for one batch of vectors, the entries (vector, clustering, cluster,
+cluster2) of each bucket, with a cluster that belongs to another bucket replaced by -1 there.
+
+Search (`search_bucket`): exact pairs ≥ τ inside each cluster of the bucket, cluster by
+cluster, through `kernels.block_pairs` (CPU blocks, or fp16 GEMM re-scored in float32 on a
+GPU); vectors are fetched per cluster from the bucket's files (memory-mapped), so a step holds
+one cluster's rows plus the pairs it found. With `is_new`, only pairs that touch a new vector
+are computed (incremental dedup: |new in cluster| × |cluster| dot products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dedup_assets.dedup.kernels import block_comparisons, block_pairs, resolve_device
+
+__all__ = [
+    "BALANCE",
+    "BucketPairs",
+    "VectorFiles",
+    "choose_n_buckets",
+    "plan_buckets",
+    "route",
+    "search_bucket",
+]
+
+BALANCE = 1.25  # a bucket takes at most this multiple of the mean load (then the next-nearest)
+ROWS_PER_BUCKET = 200_000  # default rule: one bucket per this many vectors (≈ 400 MB at d = 512)
+
+
+def choose_n_buckets(n: int, k: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
+    """Buckets for n vectors and K clusters: ⌈n / rows_per_bucket⌉, at least 2 (so the fan-out is
+    always exercised), at most K and 1024."""
+    if rows_per_bucket < 1:
+        raise ValueError(f"rows_per_bucket must be >= 1, got {rows_per_bucket}")
+    want = max(2, -(-int(n) // int(rows_per_bucket)))
+    return int(max(1, min(want, int(k), 1024)))
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def _super_centroids(c0: np.ndarray, n_buckets: int, seed: int, niter: int = 10) -> np.ndarray:
+    """Spherical k-means (numpy; K ≤ 16k points) of clustering 0's centroids into n_buckets."""
+    k = c0.shape[0]
+    rng = np.random.default_rng(seed)
+    s = _unit(c0[np.sort(rng.choice(k, size=n_buckets, replace=False))])
+    x = _unit(c0)
+    for _ in range(niter):
+        lab = np.argmax(x @ s.T, axis=1)
+        sums = np.zeros_like(s)
+        np.add.at(sums, lab, x)
+        empty = np.bincount(lab, minlength=n_buckets) == 0
+        sums[empty] = s[empty]
+        s = _unit(sums)
+    return s
+
+
+def plan_buckets(
+    centroids: Sequence[np.ndarray],
+    loads: Sequence[np.ndarray],
+    n_buckets: int,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """The bucket (0..n_buckets-1) of every cluster of every clustering.
+
+    centroids[c]: (K_c, d) unit rows; loads[c]: (K_c,) non-negative weights (e.g. points of the
+    fit sample per cluster). Returns one int32 array of shape (K_c,) per clustering.
+    """
+    if len(centroids) != len(loads):
+        raise ValueError(f"one load array per clustering: {len(centroids)} centroid sets, {len(loads)} loads")
+    if not centroids:
+        return []
+    k0 = centroids[0].shape[0]
+    b = int(max(1, min(int(n_buckets), k0)))
+    if b == 1:
+        return [np.zeros(c.shape[0], np.int32) for c in centroids]
+    sup = _super_centroids(centroids[0], b, seed)
+    out = []
+    for cents, load in zip(centroids, loads):
+        load = np.asarray(load, dtype=np.float64)
+        if load.shape != (cents.shape[0],):
+            raise ValueError(f"loads must have one value per cluster ({cents.shape[0]}), got {load.shape}")
+        load = load + 1e-9  # every cluster counts a little, so empty ones spread too
+        room = BALANCE * load.sum() / b
+        pref = np.argsort(-(_unit(cents) @ sup.T), axis=1)  # buckets by closeness, per cluster
+        filled = np.zeros(b)
+        bucket = np.empty(cents.shape[0], np.int32)
+        for k in np.argsort(-load, kind="stable"):
+            for cand in pref[k]:
+                if filled[cand] + load[k] <= room or filled[cand] == 0:
+                    break
+            else:
+                cand = int(np.argmin(filled))
+            bucket[k] = cand
+            filled[cand] += load[k]
+        out.append(bucket)
+    return out
+
+
+@dataclass
+class Routed:
+    """One bucket's share of a batch: `rows` (batch positions of its distinct vectors) and one
+    entry per (vector, clustering) with `vec` an index into `rows`."""
+
+    rows: np.ndarray  # int64, ascending
+    vec: np.ndarray  # int32
+    clustering: np.ndarray  # int8
+    cluster: np.ndarray  # int32, -1 when this clustering's first cluster is in another bucket
+    cluster2: np.ndarray  # int32, -1 when absent, equal to cluster, or in another bucket
+
+
+def route(
+    labels: Sequence[tuple[np.ndarray, np.ndarray | None]], bucket_of: Sequence[np.ndarray]
+) -> dict[int, Routed]:
+    """Split a batch's cluster labels (one (labels, labels2) per clustering) into buckets."""
+    per: dict[int, list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]] = {}
+    for c, ((l1, l2), bmap) in enumerate(zip(labels, bucket_of)):
+        l1 = np.asarray(l1, dtype=np.int64)
+        b1 = bmap[l1]
+        if l2 is None:
+            l2 = np.full_like(l1, -1)
+            b2 = np.full_like(b1, -1)
+        else:
+            l2 = np.asarray(l2, dtype=np.int64)
+            l2 = np.where(l2 == l1, -1, l2)
+            b2 = np.where(l2 >= 0, bmap[np.maximum(l2, 0)], -1)
+        for b in np.unique(np.concatenate([b1, b2[b2 >= 0]])).tolist():
+            in1, in2 = b1 == b, b2 == b
+            rows = np.flatnonzero(in1 | in2)
+            per.setdefault(int(b), []).append(
+                (rows, c, np.where(in1[rows], l1[rows], -1), np.where(in2[rows], l2[rows], -1))
+            )
+    out: dict[int, Routed] = {}
+    for b, parts in per.items():
+        rows = np.unique(np.concatenate([p[0] for p in parts]))
+        out[b] = Routed(
+            rows=rows.astype(np.int64),
+            vec=np.concatenate([np.searchsorted(rows, p[0]) for p in parts]).astype(np.int32),
+            clustering=np.concatenate([np.full(p[0].size, p[1], np.int8) for p in parts]),
+            cluster=np.concatenate([p[2] for p in parts]).astype(np.int32),
+            cluster2=np.concatenate([p[3] for p in parts]).astype(np.int32),
+        )
+    return out
+
+
+class VectorFiles:
+    """Several (m_f, d) float32 .npy files seen as one matrix, memory-mapped; `take` reads rows."""
+
+    def __init__(self, paths: Sequence[Path], d: int) -> None:
+        self.arrays = [np.load(p, mmap_mode="r") for p in paths]
+        for p, a in zip(paths, self.arrays):
+            if a.ndim != 2 or a.shape[1] != d or a.dtype != np.float32:
+                raise ValueError(f"{p}: expected a ({'{m}'}, {d}) float32 array, got {a.shape} {a.dtype}")
+        self.offsets = np.cumsum([0] + [a.shape[0] for a in self.arrays]).astype(np.int64)
+        self.d = d
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (ascending) as a contiguous float32 matrix."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((idx.size, self.d), dtype=np.float32)
+        f = np.searchsorted(self.offsets, idx, side="right") - 1
+        cut = np.flatnonzero(np.diff(f)) + 1
+        for s, e in zip(np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [idx.size]]).tolist()):
+            if e > s:
+                fi = int(f[s])
+                out[s:e] = self.arrays[fi][idx[s:e] - self.offsets[fi]]
+        return out
+
+
+@dataclass
+class BucketPairs:
+    """Pairs found in one bucket, as vector indices of the bucket (vi < vj), each pair once."""
+
+    vi: np.ndarray  # int64
+    vj: np.ndarray  # int64
+    sim: np.ndarray  # float32
+    found_by: np.ndarray  # uint8 bitmask of the clusterings that found the pair
+    comparisons: int
+    clusters_searched: int
+    largest_cluster: int
+
+    def __len__(self) -> int:
+        return int(self.vi.size)
+
+
+def _members(vec: np.ndarray, cluster: np.ndarray, cluster2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keep1, keep2 = cluster >= 0, cluster2 >= 0
+    mv = np.concatenate([vec[keep1], vec[keep2]]).astype(np.int64)
+    mk = np.concatenate([cluster[keep1], cluster2[keep2]]).astype(np.int64)
+    order = np.lexsort((mv, mk))
+    mv, mk = mv[order], mk[order]
+    if mv.size == 0:
+        return mv, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cut = np.flatnonzero(np.diff(mk)) + 1
+    return mv, np.concatenate([[0], cut]).astype(np.int64), np.concatenate([cut, [mv.size]]).astype(np.int64)
+
+
+def search_bucket(
+    take: Callable[[np.ndarray], np.ndarray],
+    vec: np.ndarray,
+    clustering: np.ndarray,
+    cluster: np.ndarray,
+    cluster2: np.ndarray,
+    threshold: float,
+    block_size: int = 4096,
+    device: str = "cpu",
+    is_new: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BucketPairs:
+    """Every pair ≥ threshold of vectors that share a cluster of this bucket, in any clustering.
+
+    `take(rows)` returns the float32 vectors of ascending vector indices. Entry arrays are
+    parallel (one per (vector, clustering)); cluster ids < 0 are not in this bucket. With
+    `is_new` (bool per vector) only pairs with at least one new vector are returned.
+    `progress(done, total)` is called after each clustering.
+    """
+    vec = np.asarray(vec, dtype=np.int64)
+    clustering = np.asarray(clustering, dtype=np.int64)
+    cluster = np.asarray(cluster, dtype=np.int64)
+    cluster2 = np.asarray(cluster2, dtype=np.int64)
+    if not (vec.shape == clustering.shape == cluster.shape == cluster2.shape):
+        raise ValueError("vec, clustering, cluster and cluster2 must be parallel arrays")
+    resolved = resolve_device(device)
+    parts_i, parts_j, parts_s, parts_b = [], [], [], []
+    comparisons = searched = largest = 0
+    present = np.unique(clustering).tolist()
+    for step, c in enumerate(present, 1):
+        if not 0 <= c < 8:
+            raise ValueError(f"clustering index {c} does not fit the 8-bit found_by mask")
+        sel = clustering == c
+        mv, starts, ends = _members(vec[sel], cluster[sel], cluster2[sel])
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            if e - s < 2:
+                continue
+            rows = mv[s:e]
+            largest = max(largest, e - s)
+            if is_new is not None:
+                new = is_new[rows]
+                if not new.any():
+                    continue
+                x = take(rows)
+                a = np.flatnonzero(new)
+                i, j, sim = block_pairs(x[a], x, threshold, device=resolved, block_size=block_size)
+                gi, gj = rows[a[i]], rows[j]
+                keep = (gi != gj) & (~is_new[gj] | (gi < gj))  # a new–new pair once
+                gi, gj, sim = gi[keep], gj[keep], sim[keep]
+                comparisons += block_comparisons(a.size, rows.size, block_size)
+            else:
+                x = take(rows)
+                i, j, sim = block_pairs(x, None, threshold, device=resolved, block_size=block_size)
+                gi, gj = rows[i], rows[j]
+                comparisons += block_comparisons(rows.size, None, block_size)
+            searched += 1
+            if gi.size:
+                parts_i.append(np.minimum(gi, gj))
+                parts_j.append(np.maximum(gi, gj))
+                parts_s.append(sim.astype(np.float32))
+                parts_b.append(np.full(gi.size, 1 << c, np.uint8))
+        if progress is not None:
+            progress(step, len(present))
+    if not parts_i:
+        z = np.zeros(0, np.int64)
+        return BucketPairs(z, z.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), comparisons, searched, largest)
+    i, j = np.concatenate(parts_i), np.concatenate(parts_j)
+    sim, fb = np.concatenate(parts_s), np.concatenate(parts_b)
+    order = np.lexsort((j, i))
+    i, j, sim, fb = i[order], j[order], sim[order], fb[order]
+    first = np.ones(i.size, dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    starts = np.flatnonzero(first)
+    return BucketPairs(
+        vi=i[starts],
+        vj=j[starts],
+        sim=np.maximum.reduceat(sim, starts).astype(np.float32),
+        found_by=np.bitwise_or.reduceat(fb, starts).astype(np.uint8),
+        comparisons=int(comparisons),
+        clusters_searched=int(searched),
+        largest_cluster=int(largest),
+    )
