@@ -740,6 +740,12 @@ def build_duplicate_groups(
                 "FROM __upd x WHERE g_s.r = x.r"
             )
             con.unregister("__upd")
+        # A node is removed as soon as some better-ranked neighbour is kept; its keeper is the
+        # best-ranked kept one, which may have been decided in a later round.
+        con.execute(
+            "UPDATE g_s SET keeper = k.kr FROM (SELECT e.u, min(e.v) AS kr FROM g_e0 e JOIN g_s b ON b.r = e.v "
+            "AND b.st = 1 GROUP BY e.u) k WHERE g_s.r = k.u AND g_s.st = 2"
+        )
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(

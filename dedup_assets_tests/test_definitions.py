@@ -41,8 +41,13 @@ def test_definitions_load_with_every_asset_check_sensor_and_schedule(tmp_path: P
     assert {"candidate_pairs_recall", "filtered_dataset_accounting", "no_regurgitation"} <= checks
     assert {s.name for s in repo.sensor_defs} == {"shard_sensor"}
     assert {s.name for s in repo.schedule_defs} == {"discovery_schedule", "corpus_schedule"}
-    pools = {k.to_user_string(): repo.assets_defs_by_key[k].op.pool for k in repo.assets_defs_by_key}
-    assert pools["embeddings"] == "gpu" and pools["clusterings"] == "gpu"
+    defs_by_key = {k.to_user_string(): repo.assets_defs_by_key[k] for k in repo.assets_defs_by_key}
+    assert defs_by_key["embeddings"].op.pool == "gpu" and defs_by_key["clusterings"].op.pool == "gpu"
+    # the pair search is a graph: a plan step, one GPU-pool step per bucket, a merge step
+    graph = defs_by_key["candidate_pairs"].node_def
+    ops = {n.name: n.definition for n in graph.nodes}
+    assert set(ops) == {"plan_bucket_search", "search_bucket", "merge_bucket_pairs"}
+    assert ops["search_bucket"].pool == "gpu"
 
 
 def test_module_level_defs_import() -> None:

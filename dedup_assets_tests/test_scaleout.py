@@ -5,6 +5,7 @@ The warehouse rows must equal those of the in-process path."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,7 +51,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (make test installs it)")
-def test_celery_workers_run_the_shard_and_corpus_jobs(
+def test_celery_workers_run_the_shard_and_corpus_jobs_with_buckets_on_two_workers(
     small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = _free_port()
@@ -66,25 +67,28 @@ def test_celery_workers_run_the_shard_and_corpus_jobs(
         monkeypatch.setenv(k, v)
     (tmp_path / "celery.yaml").write_text(
         f"execution:\n  config:\n    broker: {broker['broker']}\n    backend: {broker['backend']}\n"
+        # one task at a time per worker, so the bucket steps submitted together go to both workers
+        "    config_source:\n      worker_prefetch_multiplier: 1\n      task_acks_late: true\n"
     )
     bin_dir = str(Path(sys.executable).parent)
     redis = subprocess.Popen(
         [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, start_new_session=True,
     )
-    worker = None
+    workers: list[subprocess.Popen] = []
     try:
         _wait_port(port, 30)
-        worker = subprocess.Popen(
-            [os.path.join(bin_dir, "dagster-celery"), "worker", "start", "-y", str(tmp_path / "celery.yaml"),
-             "-A", "dagster_celery.app"],
-            cwd=tmp_path,
-            env={**os.environ, **settings, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-                 "DAGSTER_HOME": str(tmp_path / "dagster_home")},
-            stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        time.sleep(3)
-        assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+        for name in ("w1", "w2"):
+            workers.append(subprocess.Popen(
+                [os.path.join(bin_dir, "dagster-celery"), "worker", "start", "-y", str(tmp_path / "celery.yaml"),
+                 "-A", "dagster_celery.app", "-n", f"{name}@%h", "--", "--pool", "solo"],
+                cwd=tmp_path,
+                env={**os.environ, **settings, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                     "DAGSTER_HOME": str(tmp_path / "dagster_home")},
+                stdout=open(tmp_path / "worker.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+        time.sleep(4)
+        assert all(w.poll() is None for w in workers), (tmp_path / "worker.log").read_text()[-3000:]
         instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, small_dataset.shards)
         repo = ReconstructableRepository.for_module("dedup_assets.definitions", "defs", working_directory=str(tmp_path))
         run_config = {"execution": {"config": broker}}
@@ -97,10 +101,21 @@ def test_celery_workers_run_the_shard_and_corpus_jobs(
         with execute_job(repo.get_reconstructable_job("corpus_job_celery"), instance=instance,
                          run_config=run_config) as result:
             assert result.success, (tmp_path / "worker.log").read_text()[-3000:]
+            bucket_groups = {
+                int(m.group(1))
+                for e in result.all_events
+                if e.step_key and e.step_key.startswith("candidate_pairs.search_bucket[")
+                for m in [re.search(r"\(group (\d+)\)", e.message or "")] if m
+            }
+            bucket_steps = {e.step_key for e in result.all_events
+                            if e.step_key and e.step_key.startswith("candidate_pairs.search_bucket[")}
     finally:
-        if worker is not None:
-            _stop(worker)
+        for w in workers:
+            _stop(w)
         _stop(redis)
+    # the corpus stage fanned out: at least two bucket steps, run by both worker processes
+    assert len(bucket_steps) >= 2, bucket_steps
+    assert bucket_groups == {w.pid for w in workers}, (bucket_groups, [w.pid for w in workers])
 
     wh = Warehouse(warehouse)
     index = wh.read_table("image_index")

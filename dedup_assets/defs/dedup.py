@@ -12,6 +12,8 @@ the tables and files in `dedup_assets.tables`; this module reads, calls, writes,
 """
 
 
+import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -336,7 +338,8 @@ def search_bucket(
     ent = data.entries
     n_vec = len(data.ids)
     context.log.info(
-        f"bucket {bucket}: {n_vec} vectors, {ent['vec'].size} cluster entries"
+        f"bucket {bucket} in process {os.getpid()} (group {os.getpgid(0)}) on {socket.gethostname()}: "
+        f"{n_vec} vectors, {ent['vec'].size} cluster entries"
         + (f" ({int(is_new.sum())} new)" if is_new is not None else "")
     )
 

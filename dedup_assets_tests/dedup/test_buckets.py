@@ -1,0 +1,102 @@
+"""The bucketed pair search: routing vectors to buckets of clusters and searching bucket by bucket
+finds exactly the pairs of the unbucketed within-cluster search (and, with one cluster, brute force)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dedup_assets.dedup.buckets import BALANCE, choose_n_buckets, plan_buckets, route, search_bucket
+from dedup_assets.dedup.kmeans import assign_many, fit_centroids
+from dedup_assets.dedup.pairs import brute_force_pairs, pairs_within_clusters, union_pairs
+from dedup_assets.dedup.synthetic import make_embeddings
+
+
+def _bucketed(x: np.ndarray, centroids, buckets, soft: bool, tau: float, is_new=None) -> set[tuple[int, int, int]]:
+    """Route every row, search each bucket over its own compact matrix, union over buckets."""
+    labels = assign_many(x, centroids, soft=soft, device="cpu")
+    routed = route(labels, buckets)
+    out: dict[tuple[int, int], int] = {}
+    for b, r in routed.items():
+        xb = x[r.rows]  # the bucket's distinct vectors, as its files would hold them
+        bp = search_bucket(lambda idx: xb[idx], r.vec, r.clustering, r.cluster, r.cluster2, tau,
+                           block_size=64, is_new=None if is_new is None else is_new[r.rows])
+        for i, j, f in zip(r.rows[bp.vi].tolist(), r.rows[bp.vj].tolist(), bp.found_by.tolist()):
+            key = (min(i, j), max(i, j))
+            out[key] = out.get(key, 0) | f
+    return {(i, j, f) for (i, j), f in out.items()}
+
+
+def _fit(x: np.ndarray, k: int, n_clusterings: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    cents, loads = [], []
+    for c in range(n_clusterings):
+        rng = np.random.default_rng(100 + c)
+        sample = x[np.sort(rng.choice(x.shape[0], size=x.shape[0] // 2, replace=False))]
+        cc, load = fit_centroids(sample, k, niter=10, seed=c)
+        cents.append(cc)
+        loads.append(load)
+    return cents, loads
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("n_buckets", [1, 3, 7])
+def test_bucketed_search_equals_the_unbucketed_within_cluster_search(soft: bool, n_buckets: int) -> None:
+    x, _ = make_embeddings(n=1500, d=32, seed=3)
+    tau = 0.9
+    cents, loads = _fit(x, k=24, n_clusterings=3)
+    buckets = plan_buckets(cents, loads, n_buckets, seed=0)
+    assert all(b.shape == (24,) and b.min() >= 0 and b.max() < n_buckets for b in buckets)
+    got = _bucketed(x, cents, buckets, soft, tau)
+
+    labels = assign_many(x, cents, soft=soft, device="cpu")
+    per = [pairs_within_clusters(x, l1, l2, threshold=tau, block_size=64, clustering_index=c)
+           for c, (l1, l2) in enumerate(labels)]
+    want = union_pairs(per)
+    assert got == set(zip(want.i.tolist(), want.j.tolist(), want.found_by.tolist()))
+    assert len(got) >= 50  # the planted copies are found
+
+
+def test_one_cluster_is_brute_force() -> None:
+    x, _ = make_embeddings(n=600, d=16, seed=5)
+    cents, loads = _fit(x, k=1, n_clusterings=1)
+    got = {(i, j) for i, j, _ in _bucketed(x, cents, plan_buckets(cents, loads, 4), False, 0.8)}
+    bf = brute_force_pairs(x, 0.8, block_size=64)
+    assert len(bf)
+    assert got == set(zip(bf.i.tolist(), bf.j.tolist()))
+
+
+def test_incremental_search_returns_exactly_the_pairs_that_touch_new_vectors() -> None:
+    x, _ = make_embeddings(n=1200, d=32, seed=9)
+    tau = 0.9
+    cents, loads = _fit(x, k=16, n_clusterings=2)
+    buckets = plan_buckets(cents, loads, 3)
+    is_new = np.zeros(x.shape[0], bool)
+    is_new[np.random.default_rng(0).choice(x.shape[0], 300, replace=False)] = True
+    full = _bucketed(x, cents, buckets, True, tau)
+    inc = _bucketed(x, cents, buckets, True, tau, is_new=is_new)
+    assert inc == {(i, j, f) for i, j, f in full if is_new[i] or is_new[j]}
+    assert inc  # new vectors have partners
+
+
+def test_plan_keeps_a_vectors_clusters_together_and_balances_loads() -> None:
+    x, _ = make_embeddings(n=4000, d=32, seed=1)
+    cents, loads = _fit(x, k=64, n_clusterings=5)
+    buckets = plan_buckets(cents, loads, 4, seed=0)
+    for b, load in zip(buckets, loads):
+        per = np.bincount(b, weights=load, minlength=4)
+        assert per.max() <= BALANCE * load.sum() / 4 + load.max()
+    labels = assign_many(x, cents, soft=True, device="cpu")
+    routed = route(labels, buckets)
+    copies = sum(r.rows.size for r in routed.values()) / x.shape[0]
+    # 5 clusterings × 2 clusters could put a vector in all 4 buckets; the shared super-clusters keep
+    # most of its clusters in one bucket
+    assert copies < 2.5, copies
+
+
+def test_choose_n_buckets() -> None:
+    assert choose_n_buckets(100, 8) == 2
+    assert choose_n_buckets(1_000_000, 1024) == 5
+    assert choose_n_buckets(1_000_000, 3) == 3
+    assert choose_n_buckets(10, 1) == 1
+    with pytest.raises(ValueError):
+        choose_n_buckets(10, 4, rows_per_bucket=0)
