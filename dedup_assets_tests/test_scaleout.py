@@ -101,14 +101,11 @@ def test_celery_workers_run_the_shard_and_corpus_jobs_with_buckets_on_two_worker
         with execute_job(repo.get_reconstructable_job("corpus_job_celery"), instance=instance,
                          run_config=run_config) as result:
             assert result.success, (tmp_path / "worker.log").read_text()[-3000:]
-            bucket_groups = {
-                int(m.group(1))
-                for e in result.all_events
-                if e.step_key and e.step_key.startswith("candidate_pairs.search_bucket[")
-                for m in [re.search(r"\(group (\d+)\)", e.message or "")] if m
-            }
-            bucket_steps = {e.step_key for e in result.all_events
-                            if e.step_key and e.step_key.startswith("candidate_pairs.search_bucket[")}
+            logs = [e for e in instance.all_logs(result.run_id)
+                    if e.step_key and e.step_key.startswith("candidate_pairs.search_bucket[")]
+            bucket_steps = {e.step_key for e in logs}
+            bucket_groups = {int(m.group(1)) for e in logs
+                             for m in [re.search(r"\(group (\d+)\)", e.user_message or "")] if m}
     finally:
         for w in workers:
             _stop(w)
