@@ -90,3 +90,32 @@ def test_true_pairs_and_wilson() -> None:
     lo, hi = wilson_interval(95, 100)
     assert lo == pytest.approx(0.8883, abs=1e-3) and hi == pytest.approx(0.9784, abs=1e-3)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_streamed_recall_counts_the_pairs_of_the_sample_exactly() -> None:
+    from dedup_assets.dedup.pairs import brute_force_pairs
+    from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
+    from dedup_assets.dedup.synthetic import make_embeddings
+
+    x, _ = make_embeddings(n=3000, d=32, seed=2)
+    ids = [f"i{k:05d}" for k in range(x.shape[0])]
+    tau = 0.9
+    bf = brute_force_pairs(x, tau, block_size=256)
+    assert len(bf) > 100
+    # candidates: every true pair but the ones of rows divisible by 3 with a partner > 1500
+    keep = ~((bf.i % 3 == 0) & (bf.j > 1500))
+    found = {(ids[i], ids[j]): 1 for i, j in zip(bf.i[keep].tolist(), bf.j[keep].tolist())}
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.choice(x.shape[0], 400, replace=False))
+    qids = [ids[k] for k in q]
+    batches = ((ids[s:s + 700], x[s:s + 700]) for s in range(0, x.shape[0], 700))  # streamed in 5 batches
+    pq, pid, ps = sampled_true_pairs(batches, qids, x[q], tau)
+    est = streamed_recall(qids, pq, pid, ps, found, tau, n_clusterings=1)
+    # exact answer over the pairs that touch the sample (each once)
+    qs = set(q.tolist())
+    touch = np.array([(i in qs) or (j in qs) for i, j in zip(bf.i.tolist(), bf.j.tolist())])
+    assert est.n_true_pairs == int(touch.sum())
+    assert est.n_found == int((touch & keep).sum())
+    assert est.ci_low <= est.recall <= est.ci_high
+    assert est.ci_low < est.ci_high < 1.0  # misses exist, and the interval says so
+    assert 0 <= est.dense_recall <= 1 and est.dense_true_pairs > 0
