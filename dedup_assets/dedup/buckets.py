@@ -130,26 +130,39 @@ class Routed:
 
 
 def route(
-    labels: Sequence[tuple[np.ndarray, np.ndarray | None]], bucket_of: Sequence[np.ndarray]
+    labels: Sequence[tuple[np.ndarray, np.ndarray | None] | np.ndarray], bucket_of: Sequence[np.ndarray]
 ) -> dict[int, Routed]:
-    """Split a batch's cluster labels (one (labels, labels2) per clustering) into buckets."""
+    """Split a batch's cluster labels into buckets.
+
+    One item per clustering: (labels, labels2) as from `kmeans.assign_many`, or an (n, P) matrix
+    from `kmeans.probe_many` (column p = the p-th probe, -1 = none). The first two clusters of a
+    vector go in one entry (cluster, cluster2); each further probe is an extra entry (-1, cluster).
+    """
     per: dict[int, list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]] = {}
-    for c, ((l1, l2), bmap) in enumerate(zip(labels, bucket_of)):
-        l1 = np.asarray(l1, dtype=np.int64)
-        b1 = bmap[l1]
-        if l2 is None:
-            l2 = np.full_like(l1, -1)
-            b2 = np.full_like(b1, -1)
+    for c, (lab, bmap) in enumerate(zip(labels, bucket_of)):
+        if isinstance(lab, tuple):
+            l1, l2 = lab
+            cols = [np.asarray(l1, dtype=np.int64)] + ([np.asarray(l2, dtype=np.int64)] if l2 is not None else [])
         else:
-            l2 = np.asarray(l2, dtype=np.int64)
-            l2 = np.where(l2 == l1, -1, l2)
-            b2 = np.where(l2 >= 0, bmap[np.maximum(l2, 0)], -1)
-        for b in np.unique(np.concatenate([b1, b2[b2 >= 0]])).tolist():
+            m = np.asarray(lab, dtype=np.int64)
+            cols = [m[:, p] for p in range(m.shape[1])]
+        l1 = cols[0]
+        b1 = bmap[l1]
+        l2 = cols[1] if len(cols) > 1 else np.full_like(l1, -1)
+        l2 = np.where(l2 == l1, -1, l2)
+        b2 = np.where(l2 >= 0, bmap[np.maximum(l2, 0)], -1)
+        extra = [(e, np.where(e >= 0, bmap[np.maximum(e, 0)], -1)) for e in cols[2:]]
+        touched = [b1, b2[b2 >= 0]] + [be[be >= 0] for _, be in extra]
+        for b in np.unique(np.concatenate(touched)).tolist():
             in1, in2 = b1 == b, b2 == b
             rows = np.flatnonzero(in1 | in2)
             per.setdefault(int(b), []).append(
                 (rows, c, np.where(in1[rows], l1[rows], -1), np.where(in2[rows], l2[rows], -1))
             )
+            for e, be in extra:
+                r = np.flatnonzero(be == b)
+                if r.size:
+                    per[int(b)].append((r, c, np.full(r.size, -1, np.int64), e[r]))
     out: dict[int, Routed] = {}
     for b, parts in per.items():
         rows = np.unique(np.concatenate([p[0] for p in parts]))
@@ -212,6 +225,10 @@ def _members(vec: np.ndarray, cluster: np.ndarray, cluster2: np.ndarray) -> tupl
     mk = np.concatenate([cluster[keep1], cluster2[keep2]]).astype(np.int64)
     order = np.lexsort((mv, mk))
     mv, mk = mv[order], mk[order]
+    if mv.size > 1:  # a vector listed twice in one cluster (e.g. one centroid) counts once
+        first = np.ones(mv.size, dtype=bool)
+        first[1:] = (mv[1:] != mv[:-1]) | (mk[1:] != mk[:-1])
+        mv, mk = mv[first], mk[first]
     if mv.size == 0:
         return mv, np.zeros(0, np.int64), np.zeros(0, np.int64)
     cut = np.flatnonzero(np.diff(mk)) + 1

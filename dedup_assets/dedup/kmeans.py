@@ -44,6 +44,8 @@ __all__ = [
     "default_subset_size",
     "fit_centroids",
     "fit_clusterings",
+    "probe_many",
+    "split_large_clusters",
 ]
 
 MAX_CLUSTERINGS = 8  # found_by is a uint8 bitmask, one bit per clustering
@@ -387,3 +389,92 @@ def fit_centroids(
         centroids = _unit_rows(_torch_kmeans(train, k, niter, int(seed), resolved))
     labels, _ = assign(train, centroids, soft=False, device=resolved)
     return centroids, np.bincount(labels, minlength=centroids.shape[0]).astype(np.int64)
+
+
+def probe_many(
+    x: np.ndarray, centroids_list: Sequence[np.ndarray], probes: int = 2, margin: float = 0.0, device: str = "cpu"
+) -> list[np.ndarray]:
+    """Multi-probe assignment: for each centroid set, an (n, probes) int32 matrix of cluster ids.
+
+    Column 0 is the nearest centroid, column 1 (when probes ≥ 2) the second-nearest, as with soft
+    assignment; columns 2.. hold the next centroids only where their similarity is within
+    `margin` of the nearest one's (else -1). So vectors near several cluster boundaries — in the
+    dense regions where near-neighbour pairs are cut by k-means cells — join up to `probes`
+    clusters, and the others stay in two.
+    """
+    if probes < 1:
+        raise ValueError(f"probes must be >= 1, got {probes}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    x = _as_matrix(x)
+    out: list[np.ndarray] = []
+    resolved = resolve_device(device)
+    for c in centroids_list:
+        c = _as_matrix(c)
+        p = int(min(probes, max(1, c.shape[0])))
+        if c.shape[0] <= 1 or x.shape[0] == 0:
+            lab = np.full((x.shape[0], probes), -1, np.int32)
+            lab[:, 0] = 0
+            if probes >= 2:
+                lab[:, 1] = 0
+            out.append(lab)
+            continue
+        if resolved == "cpu":
+            index = _faiss().IndexFlatIP(x.shape[1])
+            index.add(c)
+            sims, ids = index.search(x, p)
+        else:
+            import torch
+
+            dev = torch.device(resolved)
+            sims = np.empty((x.shape[0], p), np.float32)
+            ids = np.empty((x.shape[0], p), np.int64)
+            chunk = _chunk_rows(c.shape[0])
+            with torch.inference_mode(), fp32_matmul_precision():
+                ct = torch.from_numpy(c).to(dev)
+                for r0 in range(0, x.shape[0], chunk):
+                    v, i = torch.topk(torch.from_numpy(x[r0:r0 + chunk]).to(dev) @ ct.T, p, dim=1)
+                    sims[r0:r0 + chunk], ids[r0:r0 + chunk] = v.cpu().numpy(), i.cpu().numpy()
+        lab = np.full((x.shape[0], probes), -1, np.int32)
+        lab[:, :p] = ids.astype(np.int32)
+        if p > 2:
+            far = sims[:, 2:] < (sims[:, :1] - np.float32(margin))
+            lab[:, 2:p][far] = -1
+        out.append(lab)
+    return out
+
+
+def split_large_clusters(
+    train: np.ndarray, centroids: np.ndarray, max_load: int, niter: int = 10, seed: int = 0, device: str = "cpu",
+    max_rounds: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split every cluster that holds more than `max_load` training points into ⌈load / mean load⌉
+    clusters (k-means on its own points), so no cluster of the corpus is many times the mean.
+
+    k-means fitted on a sample can leave one cluster with a large share of a corpus (at 1M
+    synthetic vectors, one of 1,024 clusters held 128k vectors: 46 of its 59 G comparisons in one
+    step). Splitting adds centroids where the data is dense: K grows where it must. Returns
+    (centroids, training points per centroid).
+    """
+    train = _as_matrix(train)
+    cents = _unit_rows(centroids)
+    for r in range(max_rounds):
+        labels, _ = assign(train, cents, soft=False, device=device)
+        load = np.bincount(labels, minlength=cents.shape[0])
+        mean = max(1.0, train.shape[0] / max(1, cents.shape[0]))
+        big = np.flatnonzero(load > max_load)
+        if big.size == 0:
+            return cents, load.astype(np.int64)
+        keep = np.ones(cents.shape[0], bool)
+        extra = []
+        for k in big.tolist():
+            pts = train[labels == k]
+            sub, _ = fit_centroids(pts, int(math.ceil(load[k] / mean)), niter, seed + 7919 * (r + 1) + k, device)
+            if sub.shape[0] > 1:
+                keep[k] = False
+                extra.append(sub)
+        if not extra:  # identical points cannot be split
+            return cents, load.astype(np.int64)
+        cents = np.concatenate([cents[keep]] + extra, axis=0)
+    labels, _ = assign(train, cents, soft=False, device=device)
+    return cents, np.bincount(labels, minlength=cents.shape[0]).astype(np.int64)

@@ -47,7 +47,14 @@ from dedup_assets.dedup.buckets import BucketPairs, choose_n_buckets, plan_bucke
 from dedup_assets.dedup.buckets import search_bucket as search_bucket_rows
 from dedup_assets.dedup.incremental import needs_refit
 from dedup_assets.dedup.kernels import describe_backend
-from dedup_assets.dedup.kmeans import assign_many, choose_k, default_subset_size, fit_centroids
+from dedup_assets.dedup.kmeans import (
+    assign_many,
+    choose_k,
+    default_subset_size,
+    fit_centroids,
+    probe_many,
+    split_large_clusters,
+)
 from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
@@ -91,6 +98,13 @@ class DedupResource(ConfigurableResource):
     )
     rows_per_bucket: int = Field(default=200_000, description="The bucket rule's vectors per bucket (memory of one step).")
     assign_batch_rows: int = Field(default=65_536, description="Vectors read and assigned at a time.")
+    max_cluster_factor: float | None = Field(
+        default=4.0, description="Split clusters holding more than this multiple of the mean share of the fit sample (None = never)."
+    )
+    probes: int = Field(
+        default=2, description="Clusters a vector may join per clustering: 1 = hard, 2 = soft; more = extra probes within probe_margin."
+    )
+    probe_margin: float = Field(default=0.02, description="Probes beyond the second need a centroid similarity within this of the nearest.")
     keeper_policy: Literal["resolution", "priority"] = Field(default="resolution")
     priority_column: str | None = Field(
         default=None, description="image_index column whose highest value wins (policy 'priority')."
@@ -130,9 +144,13 @@ def _fit(store, n: int, model: str, dedup: DedupResource, log) -> tuple[Fit, lis
         t1 = time.perf_counter()
         _, sample = store.sample(subset, seed=dedup.seed + 1000 * (c + 1))
         cc, load = fit_centroids(sample, k, dedup.niter, dedup.seed + c, dedup.device)
+        k_fit = cc.shape[0]
+        if dedup.max_cluster_factor and k_fit > 1:
+            max_load = int(dedup.max_cluster_factor * sample.shape[0] / k_fit)
+            cc, load = split_large_clusters(sample, cc, max_load, seed=dedup.seed + c, device=dedup.device)
         cents.append(cc)
         loads.append(load)
-        log(f"clustering {c}: K={cc.shape[0]} fitted on {sample.shape[0]} sampled vectors of {n} in {time.perf_counter() - t1:.1f}s")
+        log(f"clustering {c}: K={cc.shape[0]} ({cc.shape[0] - k_fit} from splitting large clusters) fitted on {sample.shape[0]} sampled vectors of {n} in {time.perf_counter() - t1:.1f}s")
     nb = dedup.n_buckets or choose_n_buckets(n, cents[0].shape[0], dedup.rows_per_bucket)
     buckets = plan_buckets(cents, loads, nb, seed=dedup.seed)
     fit = Fit(
@@ -200,13 +218,21 @@ def clusterings(
     new_rows = sum(counts[p] for p in todo)
     done = 0
     spill_rows = 0
+    extra_probes = 0
     t_assign = time.perf_counter()
     for p in todo:
         files.delete_partition(fit.fit_id, p)
         frames = []
         for batch_no, (_, ids, x) in enumerate(store.iter_batches([p], batch_rows=dedup.assign_batch_rows)):
-            labels = assign_many(x, fit.centroids, soft=fit.soft, device=dedup.device)
-            for b, r in route(labels, fit.buckets).items():
+            if fit.soft and dedup.probes > 2:
+                probed = probe_many(x, fit.centroids, dedup.probes, dedup.probe_margin, device=dedup.device)
+                labels = [(m[:, 0], m[:, 1]) for m in probed]
+                routing = probed
+            else:
+                labels = assign_many(x, fit.centroids, soft=fit.soft, device=dedup.device)
+                routing = labels
+            extra_probes += sum(int((m[:, 2:] >= 0).sum()) for m in routing) if routing is not labels else 0
+            for b, r in route(routing, fit.buckets).items():
                 files.write_batch(
                     fit.fit_id, b, p, batch_no, [ids[i] for i in r.rows.tolist()], x[r.rows],
                     {"vec": r.vec, "clustering": r.clustering, "cluster": r.cluster, "cluster2": r.cluster2},
@@ -245,6 +271,7 @@ def clusterings(
         "subset_size": fit.subset_size,
         "buckets": fit.n_buckets,
         "vectors_per_bucket": MetadataValue.json(bucket_rows),
+        "extra_probes_per_image": round(extra_probes / max(new_rows, 1), 3),
         "bucket_copies_per_image": round(sum(bucket_rows) / max(n, 1), 3),
         "bucket_files_bytes": files.spill_bytes(fit.fit_id),
         "fit_seconds": round(fit_s, 3),

@@ -229,3 +229,48 @@ def test_gpu_kmeans_and_assignment_match_the_cpu() -> None:
         assert np.mean(g1 == c1) > 0.9999 and np.mean(g2 == c2) > 0.999
     fitted = fit_clusterings(y, ClusteringConfig(n_clusterings=2, k=32, niter=5, device="cuda"))
     assert all(c.labels.shape == (20000,) and c.k == 32 for c in fitted)
+
+
+def test_split_large_clusters_bounds_the_largest_cluster() -> None:
+    from dedup_assets.dedup.kmeans import split_large_clusters
+
+    rng = np.random.default_rng(0)
+    d = 16
+    # one dense blob holding 60 % of the points, plus 40 small scattered blobs
+    centers = [rng.standard_normal(d) for _ in range(41)]
+    pts = [centers[0] + 0.05 * rng.standard_normal((3000, d))]
+    for c in centers[1:]:
+        pts.append(c + 0.05 * rng.standard_normal((50, d)))
+    x = np.concatenate(pts).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cents = np.array(centers, dtype=np.float32)  # one centroid per blob, as a fit on a sample may leave it
+    cents /= np.linalg.norm(cents, axis=1, keepdims=True)
+    load = np.bincount(np.argmax(x @ cents.T, axis=1), minlength=41)
+    assert load.max() > 4 * x.shape[0] / cents.shape[0]  # the blob is one cluster
+    split, load2 = split_large_clusters(x, cents, max_load=int(4 * x.shape[0] / cents.shape[0]), seed=0)
+    assert split.shape[0] > cents.shape[0]
+    assert load2.sum() == x.shape[0]
+    assert load2.max() <= 4 * x.shape[0] / cents.shape[0] * 1.5
+    assert np.allclose(np.linalg.norm(split, axis=1), 1.0, atol=1e-5)
+
+
+def test_probe_many_adds_probes_only_within_the_margin() -> None:
+    from dedup_assets.dedup.kmeans import assign_many, probe_many
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = rng.standard_normal((20, 8)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    m = probe_many(x, [c], probes=4, margin=0.05)[0]
+    l1, l2 = assign_many(x, [c], soft=True)[0]
+    assert (m[:, 0] == l1).all() and (m[:, 1] == l2).all()
+    s = x @ c.T
+    for r in range(x.shape[0]):
+        for p in (2, 3):
+            if m[r, p] >= 0:
+                assert s[r, m[r, p]] >= s[r, m[r, 0]] - 0.05 - 1e-6
+            else:
+                assert np.sort(s[r])[::-1][p] < s[r, m[r, 0]] - 0.05 + 1e-6
+    assert (m[:, 2] >= 0).any() and (m[:, 2] < 0).any()
+    assert (probe_many(x, [c], probes=4, margin=0.0)[0][:, 2:] < 0).mean() > 0.99
