@@ -392,7 +392,8 @@ def fit_centroids(
 
 
 def probe_many(
-    x: np.ndarray, centroids_list: Sequence[np.ndarray], probes: int = 2, margin: float = 0.0, device: str = "cpu"
+    x: np.ndarray, centroids_list: Sequence[np.ndarray], probes: int = 2, margin: float = 0.0, device: str = "cpu",
+    second_margin: float | None = None,
 ) -> list[np.ndarray]:
     """Multi-probe assignment: for each centroid set, an (n, probes) int32 matrix of cluster ids.
 
@@ -400,7 +401,9 @@ def probe_many(
     assignment; columns 2.. hold the next centroids only where their similarity is within
     `margin` of the nearest one's (else -1). So vectors near several cluster boundaries — in the
     dense regions where near-neighbour pairs are cut by k-means cells — join up to `probes`
-    clusters, and the others stay in two.
+    clusters, and the others stay in two. With `second_margin`, the second cluster too is kept
+    only within that margin: a "hub" centroid that is everybody's second choice (it sits near the
+    mean of many clusters) then no longer collects a huge soft cluster.
     """
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
@@ -440,6 +443,8 @@ def probe_many(
         if p > 2:
             far = sims[:, 2:] < (sims[:, :1] - np.float32(margin))
             lab[:, 2:p][far] = -1
+        if p > 1 and second_margin is not None:
+            lab[:, 1][sims[:, 1] < sims[:, 0] - np.float32(second_margin)] = -1
         out.append(lab)
     return out
 

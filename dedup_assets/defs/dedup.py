@@ -105,6 +105,10 @@ class DedupResource(ConfigurableResource):
         default=2, description="Clusters a vector may join per clustering: 1 = hard, 2 = soft; more = extra probes within probe_margin."
     )
     probe_margin: float = Field(default=0.02, description="Probes beyond the second need a centroid similarity within this of the nearest.")
+    soft_margin: float | None = Field(
+        default=0.1,
+        description="The second cluster only where its centroid similarity is within this of the nearest (None = always).",
+    )
     keeper_policy: Literal["resolution", "priority"] = Field(default="resolution")
     priority_column: str | None = Field(
         default=None, description="image_index column whose highest value wins (policy 'priority')."
@@ -210,7 +214,9 @@ def clusterings(
     files.drop_other_fits(fit.fit_id)
 
     assigned = read_assigned_partitions(wh, fit.fit_id)
-    stamps = {p: _stamp(store.path_of(p)) for p in counts}
+    # an assignment is stale when its store file or the probe settings change
+    probe_key = f"|soft={fit.soft}:probes={dedup.probes}:{dedup.probe_margin}:{dedup.soft_margin}"
+    stamps = {p: _stamp(store.path_of(p)) + probe_key for p in counts}
     for p in sorted(set(assigned) - set(counts)):  # partitions whose vectors are gone
         files.delete_partition(fit.fit_id, p)
         forget_assignments(wh, p)
@@ -219,19 +225,23 @@ def clusterings(
     done = 0
     spill_rows = 0
     extra_probes = 0
+    second_probes = 0
     t_assign = time.perf_counter()
     for p in todo:
         files.delete_partition(fit.fit_id, p)
         frames = []
         for batch_no, (_, ids, x) in enumerate(store.iter_batches([p], batch_rows=dedup.assign_batch_rows)):
-            if fit.soft and dedup.probes > 2:
-                probed = probe_many(x, fit.centroids, dedup.probes, dedup.probe_margin, device=dedup.device)
+            if fit.soft:
+                probed = probe_many(x, fit.centroids, max(2, dedup.probes), dedup.probe_margin, device=dedup.device,
+                                    second_margin=dedup.soft_margin)
                 labels = [(m[:, 0], m[:, 1]) for m in probed]
                 routing = probed
             else:
                 labels = assign_many(x, fit.centroids, soft=fit.soft, device=dedup.device)
                 routing = labels
-            extra_probes += sum(int((m[:, 2:] >= 0).sum()) for m in routing) if routing is not labels else 0
+            if routing is not labels:
+                extra_probes += sum(int((m[:, 2:] >= 0).sum()) for m in routing)
+                second_probes += sum(int((m[:, 1] >= 0).sum()) for m in routing)
             for b, r in route(routing, fit.buckets).items():
                 files.write_batch(
                     fit.fit_id, b, p, batch_no, [ids[i] for i in r.rows.tolist()], x[r.rows],
@@ -248,7 +258,7 @@ def clusterings(
                     "cluster2": (np.concatenate([lab[1] for lab in labels]).astype(np.int32) if fit.soft else None),
                 },
                 schema=CLUSTERINGS_SCHEMA,
-            ))
+            ).with_columns(pl.when(pl.col("cluster2") >= 0).then(pl.col("cluster2")).alias("cluster2")))
             done += m
         write_clusterings(wh, p, pl.concat(frames) if frames else pl.DataFrame(schema=CLUSTERINGS_SCHEMA))
         record_assigned_partition(wh, p, fit.fit_id, counts[p], stamps[p])
@@ -271,6 +281,7 @@ def clusterings(
         "subset_size": fit.subset_size,
         "buckets": fit.n_buckets,
         "vectors_per_bucket": MetadataValue.json(bucket_rows),
+        "second_cluster_share": round(second_probes / max(new_rows * fit.n_clusterings, 1), 3),
         "extra_probes_per_image": round(extra_probes / max(new_rows, 1), 3),
         "bucket_copies_per_image": round(sum(bucket_rows) / max(n, 1), 3),
         "bucket_files_bytes": files.spill_bytes(fit.fit_id),
