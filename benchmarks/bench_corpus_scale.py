@@ -428,7 +428,7 @@ def asset_figures(dagster_home: Path) -> list[AssetFigures]:
             for step, t_start in sorted(starts.items(), key=lambda kv: kv[1]):
                 name = ", ".join(sorted(assets_of.get(step, {step})))
                 f = figs.setdefault(name, AssetFigures(name))
-                f.check = f.check and step not in assets_of
+                f.check = f.check and step not in assets_of and "." not in step  # graph-asset ops are not checks
                 t_end = ends.get(step, t_start)
                 f.steps += 1
                 f.seconds += t_end - t_start

@@ -505,7 +505,7 @@ def candidate_pairs_recall(
     tau = dedup.tau(embedder)
     t0 = time.perf_counter()
     qids, q = store.sample(dedup.recall_sample, seed=dedup.seed + 7)
-    batches = ((ids, x) for _, ids, x in store.iter_batches(batch_rows=65_536))
+    batches = ((ids, x) for _, ids, x in store.iter_batches(batch_rows=16_384))  # 16k × sample sims in memory
     pq_, pid, psim = sampled_true_pairs(batches, qids, q, tau)
     sample_df = pl.DataFrame({"image_id": qids})
     with wh.connect() as con:
