@@ -39,7 +39,7 @@ import polars as pl
 
 from dedup_assets.ingest.index import INDEX_SCHEMA, SKIPPED_SCHEMA
 from dedup_assets.store import EmbeddingStore, escape_key, unescape_name
-from dedup_assets.warehouse import Warehouse, WarehouseError
+from dedup_assets.warehouse import Warehouse, WarehouseError, table_exists, transaction
 
 __all__ = [
     "EMBEDDINGS",
@@ -136,8 +136,13 @@ def embeddings_kind(wh: Warehouse) -> str | None:
     return _view_state(wh).kind
 
 
+def _sql_str(value: object) -> str:
+    """A path or name quoted as a SQL string literal (for table functions that take no parameters)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def _glob_literal(store: EmbeddingStore) -> str:
-    return "'" + store.glob.replace("'", "''") + "'"  # a path, quoted as a SQL string literal
+    return _sql_str(store.glob)
 
 
 def _view_sql(store: EmbeddingStore, d: int | None) -> str:
@@ -236,14 +241,9 @@ def _migrate(wh: Warehouse, store: EmbeddingStore, log: Callable[[str], None] | 
             log(f"migrated {n} vectors of shard {shard} into {store.path_of(shard)}")
     sql = _view_sql(store, store.dim())
     with wh.connect() as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(f"DROP TABLE {EMBEDDINGS}")
             con.execute(sql)
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
     if log:
         log(f"migrated the embeddings table ({total} vectors, {shards.height} shards) to the store "
             f"{store.root}; `embeddings` is now a view over it")
@@ -443,17 +443,11 @@ def forget_assignments(wh: Warehouse, partition: str | None = None) -> None:
     """Drop the clusterings rows and assignment records of one partition (None = all)."""
     with wh.connect() as con:
         for table, col in ((CLUSTERINGS, "shard"), (CLUSTERING_PARTITIONS, "partition")):
-            if _table_exists_con(con, table):
+            if table_exists(con, table):
                 if partition is None:
                     con.execute(f"DELETE FROM {table}")
                 else:
                     con.execute(f"DELETE FROM {table} WHERE {col} = ?", [partition])
-
-
-def _table_exists_con(con, table: str) -> bool:  # noqa: ANN001
-    return bool(con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [table]
-    ).fetchall()[0][0])
 
 
 def write_clusterings(wh: Warehouse, partition: str, df: pl.DataFrame) -> int:
@@ -634,10 +628,9 @@ class BucketData:
 def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path]) -> int:
     """candidate_pairs = the union of the buckets' pairs (one row per pair, found_by ORed), in DuckDB."""
     with wh.connect() as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             if files:
-                lit = "[" + ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in files) + "]"
+                lit = "[" + ", ".join(_sql_str(p.resolve()) for p in files) + "]"
                 con.execute(
                     f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} AS SELECT image_a, image_b, "
                     "CAST(max(similarity) AS FLOAT) AS similarity, CAST(bit_or(found_by) AS UTINYINT) AS found_by "
@@ -648,13 +641,6 @@ def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path]) -> int:
                     f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} (image_a VARCHAR, image_b VARCHAR, "
                     "similarity FLOAT, found_by UTINYINT)"
                 )
-            con.execute("COMMIT")
-        except Exception:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001
-                pass
-            raise
         return int(con.execute(f"SELECT count(*) FROM {CANDIDATE_PAIRS}").fetchall()[0][0])
 
 
@@ -746,8 +732,7 @@ def build_duplicate_groups(
             "UPDATE g_s SET keeper = k.kr FROM (SELECT e.u, min(e.v) AS kr FROM g_e0 e JOIN g_s b ON b.r = e.v "
             "AND b.st = 1 GROUP BY e.u) k WHERE g_s.r = k.u AND g_s.st = 2"
         )
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(
                 f"CREATE OR REPLACE TABLE {DUPLICATE_GROUPS} AS "
                 "WITH m AS (SELECT s.r, s.keeper, z.s AS sim FROM g_s s JOIN g_e0 z ON z.u = s.r AND z.v = s.keeper WHERE s.st = 2), "
@@ -760,13 +745,6 @@ def build_duplicate_groups(
                 "FROM rows JOIN g USING (keeper) JOIN g_nodes ni ON ni.r = rows.r JOIN g_nodes nk ON nk.r = rows.keeper "
                 "ORDER BY group_id, image_id"
             )
-            con.execute("COMMIT")
-        except Exception:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001
-                pass
-            raise
         stats = con.execute(
             f"SELECT count(*), count(*) FILTER (WHERE is_keeper), coalesce(max(group_size), 0) FROM {DUPLICATE_GROUPS}"
         ).fetchall()[0]
@@ -785,3 +763,202 @@ def build_duplicate_groups(
         "rounds": rounds, "residual": residual, "sizes": [(int(a), int(b)) for a, b in hist],
         "removed_without_pair_to_keeper": int(bad),
     }
+
+
+# ------------------------------------------------------------- filtered_dataset / removed_images
+PREFILTER = "prefilter"
+FILTERED_DATASET = "filtered_dataset"
+REMOVED_IMAGES = "removed_images"
+
+KEPT_SCHEMA: dict[str, pl.DataType] = {
+    "image_id": pl.String, "shard": pl.String, "key": pl.String, "location": pl.String, "caption": pl.String,
+    "width": pl.Int32, "height": pl.Int32, "weight": pl.Float64,
+}
+REMOVED_SCHEMA: dict[str, pl.DataType] = {
+    "image_id": pl.String, "shard": pl.String, "reason": pl.String, "detail": pl.String,
+}
+
+
+class SelectionError(ValueError):
+    """The inputs of filtered_dataset contradict each other (e.g. a duplicate group with two keepers)."""
+
+
+def _selection_sql(con, embedded: bool) -> str:  # noqa: ANN001
+    """SELECT of every index row with its removal reason (NULL = kept) and detail.
+
+    Reasons, in order of precedence (the first that applies wins, so every file has exactly one):
+    1. `decode:<status>`          the file did not decode (status other than "ok"); detail = error.
+    2. `filter:<first reason>`    a pre-filter failed; detail = all reasons joined with ",".
+    3. `duplicate_of:<keeper id>` a non-keeper member of a duplicate group; detail = "similarity=0.9731".
+    4. `no_embedding:not_embedded` an ok image with no embedding (only when `embedded`).
+
+    Dedup and filtering are independent masks, as in the seed pipeline: a keeper that fails a filter
+    is removed by the filter, and its duplicates still point at it — they are copies of an image we
+    decided not to train on, so they go too (no new keeper is promoted). A missing pre-filter table,
+    or an image absent from it, counts as passed; an image absent from the groups is unique.
+    """
+    has_pf = table_exists(con, PREFILTER)
+    has_groups = table_exists(con, DUPLICATE_GROUPS)
+    cols = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = 'main'",
+        [IMAGE_INDEX]).fetchall()}
+    error = "CAST(i.error AS VARCHAR)" if "error" in cols else "CAST(NULL AS VARCHAR)"
+    joins, failed, first, reasons, keeper, sim, no_emb = [], "false", "NULL", "NULL", "NULL", "NULL", "false"
+    if has_pf:
+        joins.append(f"LEFT JOIN {PREFILTER} p ON p.image_id = i.image_id")
+        failed, first, reasons = "NOT coalesce(p.passed, true)", "p.reasons[1]", "array_to_string(p.reasons, ',')"
+    if has_groups:
+        joins.append(
+            f"LEFT JOIN (SELECT g.image_id, k.image_id AS keeper, g.similarity_to_keeper AS sim FROM {DUPLICATE_GROUPS} g "
+            f"JOIN (SELECT group_id, image_id FROM {DUPLICATE_GROUPS} WHERE is_keeper) k USING (group_id) "
+            "WHERE NOT g.is_keeper) k ON k.image_id = i.image_id"
+        )
+        keeper, sim = "k.keeper", "k.sim"
+    if embedded:
+        joins.append(f"LEFT JOIN (SELECT DISTINCT image_id FROM {EMBEDDINGS}) e ON e.image_id = i.image_id")
+        no_emb = "e.image_id IS NULL"
+    not_ok = "(i.status IS NULL OR i.status <> 'ok')"
+    return (
+        "SELECT i.image_id, i.shard, i.key, i.location, i.caption, CAST(i.width AS INTEGER) AS width, "
+        "CAST(i.height AS INTEGER) AS height, "
+        f"CASE WHEN {not_ok} THEN 'decode:' || coalesce(i.status, 'unknown') "
+        f"WHEN {failed} THEN 'filter:' || coalesce({first}, 'unknown') "
+        f"WHEN {keeper} IS NOT NULL THEN 'duplicate_of:' || {keeper} "
+        f"WHEN {no_emb} THEN 'no_embedding:not_embedded' END AS reason, "
+        f"CASE WHEN {not_ok} THEN {error} WHEN {failed} THEN {reasons} "
+        f"WHEN {keeper} IS NOT NULL THEN 'similarity=' || CAST(round(CAST({sim} AS DOUBLE), 4) AS VARCHAR) END AS detail "
+        f"FROM {IMAGE_INDEX} i " + " ".join(joins)
+    )
+
+
+def _check_keepers(con) -> None:  # noqa: ANN001
+    if not table_exists(con, DUPLICATE_GROUPS):
+        return
+    bad = con.execute(
+        f"SELECT group_id, count(*) FILTER (WHERE is_keeper) AS k FROM {DUPLICATE_GROUPS} GROUP BY 1 HAVING k <> 1 "
+        "ORDER BY group_id"
+    ).fetchall()
+    if bad:
+        several = [g for g, k in bad if k > 1]
+        none = [g for g, k in bad if k == 0]
+        raise SelectionError(
+            "every duplicate group needs exactly one keeper: "
+            f"{len(several)} group(s) have several (e.g. {several[:3]}), {len(none)} have none (e.g. {none[:3]}); "
+            "rebuild duplicate_groups"
+        )
+
+
+def accounting(con) -> tuple[bool, dict]:  # noqa: ANN001
+    """kept + removed == image_index, exactly: the same id set, disjoint, no id twice anywhere.
+
+    Returns (passed, details); details hold counts and up to 20 example ids per kind of problem.
+    """
+    def ids(sql: str) -> list[str]:
+        return [r[0] for r in con.execute(sql + " ORDER BY 1 LIMIT 20").fetchall()]
+
+    out = f"(SELECT image_id FROM {FILTERED_DATASET} UNION ALL SELECT image_id FROM {REMOVED_IMAGES})"
+    n = {t: con.execute(f"SELECT count(*), count(DISTINCT image_id) FROM {t}").fetchall()[0]
+         for t in (IMAGE_INDEX, FILTERED_DATASET, REMOVED_IMAGES)}
+    details = {
+        "indexed": int(n[IMAGE_INDEX][0]),
+        "kept": int(n[FILTERED_DATASET][0]),
+        "removed": int(n[REMOVED_IMAGES][0]),
+        "in_both": ids(f"SELECT DISTINCT image_id FROM {FILTERED_DATASET} SEMI JOIN {REMOVED_IMAGES} USING (image_id)"),
+        "missing": ids(f"SELECT DISTINCT image_id FROM {IMAGE_INDEX} ANTI JOIN {out} o USING (image_id)"),
+        "unknown": ids(f"SELECT DISTINCT image_id FROM {out} o ANTI JOIN {IMAGE_INDEX} USING (image_id)"),
+        "duplicated_rows": int(sum(a - b for a, b in n.values())),
+    }
+    ok = (not details["in_both"] and not details["missing"] and not details["unknown"]
+          and details["duplicated_rows"] == 0 and details["kept"] + details["removed"] == details["indexed"])
+    return ok, details
+
+
+def read_accounting(wh: Warehouse) -> tuple[bool, dict]:
+    with wh.connect() as con:
+        return accounting(con)
+
+
+def build_filtered_dataset(
+    wh: Warehouse,
+    clustering: int,
+    weigh: Callable[[pl.DataFrame], pl.DataFrame],
+    manifest: Path,
+    preview_rows: int = 20,
+) -> dict:
+    """filtered_dataset and removed_images from image_index, prefilter, duplicate_groups and the
+    embeddings view, all in DuckDB (nothing per image is held in Python).
+
+    `weigh` gets one row per cluster of clustering `clustering` (cluster, before, after: images
+    before filtering and kept) and returns cluster, weight; kept images outside every cluster
+    weigh 1. Both tables are replaced in one transaction, which is rolled back (and
+    AssertionError raised) unless kept + removed equals the index exactly. The kept rows are
+    then written to `manifest` (Parquet, atomically). Returns counts, the per-cluster counts and
+    weights, and small previews for metadata.
+    """
+    manifest = Path(manifest)
+    with wh.connect() as con:
+        _check_keepers(con)
+        embedded = table_exists(con, EMBEDDINGS)
+        con.execute("CREATE TEMP TABLE f_sel AS " + _selection_sql(con, embedded))
+        has_clusters = table_exists(con, CLUSTERINGS)
+        if has_clusters:
+            dup = con.execute(
+                f"SELECT count(*) - count(DISTINCT image_id) FROM {CLUSTERINGS} WHERE clustering = ?", [clustering]
+            ).fetchall()[0][0]
+            if dup:
+                raise SelectionError(f"clusterings lists {dup} image(s) twice in clustering {clustering}; rebuild clusterings")
+            counts = con.sql(
+                "SELECT c.cluster, count(*) AS before, count(*) FILTER (WHERE s.image_id IS NOT NULL AND s.reason IS NULL) "
+                f"AS after FROM {CLUSTERINGS} c LEFT JOIN f_sel s USING (image_id) WHERE c.clustering = ? "
+                "GROUP BY 1 ORDER BY 1", params=[clustering]
+            ).pl()
+        else:
+            counts = pl.DataFrame(schema={"cluster": pl.Int64, "before": pl.Int64, "after": pl.Int64})
+        weights = weigh(counts) if counts.height else pl.DataFrame(schema={"cluster": pl.Int64, "weight": pl.Float64})
+        con.register("__w", weights.select(pl.col("cluster").cast(pl.Int64), pl.col("weight").cast(pl.Float64)))
+        cl_join = (f"LEFT JOIN {CLUSTERINGS} c ON c.image_id = s.image_id AND c.clustering = {int(clustering)} "
+                   "LEFT JOIN __w w ON w.cluster = c.cluster") if has_clusters else "LEFT JOIN __w w ON false"
+        try:
+            with transaction(con):
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {FILTERED_DATASET} AS SELECT s.image_id, s.shard, s.key, s.location, "
+                    "s.caption, s.width, s.height, CAST(coalesce(w.weight, 1.0) AS DOUBLE) AS weight "
+                    f"FROM f_sel s {cl_join} WHERE s.reason IS NULL ORDER BY s.image_id"
+                )
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {REMOVED_IMAGES} AS SELECT image_id, shard, reason, detail FROM f_sel "
+                    "WHERE reason IS NOT NULL ORDER BY image_id"
+                )
+                ok, details = accounting(con)
+                if not ok:
+                    raise AssertionError(f"kept + removed does not equal the index: {details}")
+        finally:
+            con.unregister("__w")
+            con.execute("DROP TABLE IF EXISTS f_sel")
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
+        con.execute(f"COPY (SELECT * FROM {FILTERED_DATASET} ORDER BY image_id) TO {_sql_str(tmp)} (FORMAT parquet)")
+        os.replace(tmp, manifest)
+        by_kind = con.execute(
+            f"SELECT split_part(reason, ':', 1) AS kind, count(*) FROM {REMOVED_IMAGES} GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).fetchall()
+        kept_preview = con.sql(
+            f"SELECT image_id, caption, width, height, weight FROM {FILTERED_DATASET} ORDER BY image_id LIMIT ?",
+            params=[preview_rows]).pl()
+        removed_preview = con.sql(
+            f"SELECT * FROM {REMOVED_IMAGES} ORDER BY image_id LIMIT ?", params=[preview_rows]).pl()
+    return {
+        **details, "removed_by_kind": {str(k): int(v) for k, v in by_kind}, "counts": counts, "weights": weights,
+        "kept_preview": kept_preview, "removed_preview": removed_preview, "manifest": manifest,
+    }
+
+
+def iter_filtered_dataset(wh: Warehouse, columns: Sequence[str] = tuple(KEPT_SCHEMA)) -> Iterable[pl.DataFrame]:
+    """filtered_dataset one shard at a time (ordered by image_id within a shard)."""
+    with wh.connect() as con:
+        shards = [r[0] for r in con.execute(f"SELECT DISTINCT shard FROM {FILTERED_DATASET} ORDER BY 1").fetchall()]
+    cols = ", ".join(f'"{c}"' for c in columns if c in KEPT_SCHEMA)
+    for shard in shards:
+        with wh.connect() as con:
+            frame = con.sql(f"SELECT {cols} FROM {FILTERED_DATASET} WHERE shard = ? ORDER BY image_id", params=[shard]).pl()
+        yield frame

@@ -208,29 +208,42 @@ class Warehouse:
         with self.connect() as con:
             con.register("__incoming", df)
             try:
-                con.execute("BEGIN TRANSACTION")
-                if delete_where is None:
-                    con.execute(f"CREATE OR REPLACE TABLE {t} AS SELECT * FROM __incoming")
-                else:
-                    if not _table_exists(con, table):
-                        con.execute(f"CREATE TABLE {t} AS SELECT * FROM __incoming LIMIT 0")
+                with transaction(con):
+                    if delete_where is None:
+                        con.execute(f"CREATE OR REPLACE TABLE {t} AS SELECT * FROM __incoming")
                     else:
-                        _check_same_columns(con, table, df)
-                    col, value = delete_where
-                    con.execute(f"DELETE FROM {t} WHERE {_ident(col)} = ?", [value])
-                    con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM __incoming")
-                con.execute("COMMIT")
-            except Exception:
-                # Report the first error (e.g. "No space left on device"), not the rollback's:
-                # after an IO error DuckDB has often aborted the transaction already.
-                try:
-                    con.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001
-                    pass
-                raise
+                        if not _table_exists(con, table):
+                            con.execute(f"CREATE TABLE {t} AS SELECT * FROM __incoming LIMIT 0")
+                        else:
+                            _check_same_columns(con, table, df)
+                        col, value = delete_where
+                        con.execute(f"DELETE FROM {t} WHERE {_ident(col)} = ?", [value])
+                        con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM __incoming")
             finally:
                 con.unregister("__incoming")
         return df.height
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """BEGIN … COMMIT around the block; ROLLBACK and re-raise on any error."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except Exception:
+        # Report the first error (e.g. "No space left on device"), not the rollback's:
+        # after an IO error DuckDB has often aborted the transaction already.
+        try:
+            con.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether `table` (or a view of that name) exists in the main schema of an open connection."""
+    return _table_exists(con, table)
 
 
 def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:

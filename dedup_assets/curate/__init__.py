@@ -1,18 +1,22 @@
-"""What a user trains on: kept/removed accounting, reweighting, export (pure, no Dagster)."""
+"""What a user trains on: reweighting and export (pure, no Dagster). The kept/removed split and its
+accounting live in SQL in the table layer (`tables.build_filtered_dataset`)."""
 
-from dedup_assets.curate.export import export_shards, write_manifest
-from dedup_assets.curate.reweight import ReweightConfig, compute_weights, reweight_report, total_variation
-from dedup_assets.curate.select import KEPT_SCHEMA, REMOVED_SCHEMA, check_accounting, select
+from dedup_assets.curate.export import export_shards
+from dedup_assets.curate.reweight import (
+    ReweightConfig,
+    cluster_weights,
+    compute_weights,
+    report_from_counts,
+    reweight_report,
+    total_variation,
+)
 
 __all__ = [
-    "KEPT_SCHEMA",
-    "REMOVED_SCHEMA",
     "ReweightConfig",
-    "check_accounting",
+    "cluster_weights",
     "compute_weights",
     "export_shards",
+    "report_from_counts",
     "reweight_report",
-    "select",
     "total_variation",
-    "write_manifest",
 ]

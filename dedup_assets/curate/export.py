@@ -1,7 +1,7 @@
-"""Exports of the kept set for training: a Parquet manifest, and optionally new shards.
+"""Export of the kept set for training as new img2dataset-style shards (the Parquet manifest of
+`filtered_dataset` is written by the table layer, `tables.build_filtered_dataset`).
 
-Grain: the manifest has one row per kept image (the `filtered_dataset` rows with their weights);
-an exported shard folder holds one image file (plus `<key>.txt` when it has a caption) per kept
+Grain: an exported shard folder holds one image file (plus `<key>.txt` when it has a caption) per kept
 image of that source shard.
 
 The source data is never modified: folder images are hard-linked (same inode, no bytes written)
@@ -22,21 +22,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import polars as pl
 
 MARKER = ".dedup-assets-export.json"
-
-
-def write_manifest(kept: pl.DataFrame, path: Path) -> Path:
-    """Write the kept rows (with weights) as Parquet, replacing `path` atomically; returns it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    kept.write_parquet(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def _dest_name(key: str, src_name: bytes) -> bytes:
@@ -78,10 +68,13 @@ def _link_or_copy(src: bytes, dest: bytes, link: bool, counts: dict[str, int]) -
     counts["copied"] += 1
 
 
-def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[str, Any]:
+def export_shards(
+    kept: pl.DataFrame | Iterable[pl.DataFrame], out_dir: Path, link: bool = True
+) -> dict[str, Any]:
     """Write the kept images into img2dataset-style folders `out_dir/<shard>/`.
 
-    `kept`: rows with shard, key, location, caption. Returns counts: shards, images, linked,
+    `kept`: rows with shard, key, location, caption — one frame, or an iterable of frames (e.g.
+    one per shard, so the caller never holds the whole kept set). Returns counts: shards, images, linked,
     copied, from_tar, captions, and out_dir. Raises FileExistsError rather than replace a folder
     this function did not write.
     """
@@ -97,7 +90,9 @@ def export_shards(kept: pl.DataFrame, out_dir: Path, link: bool = True) -> dict[
     counts = {"shards": 0, "images": 0, "linked": 0, "copied": 0, "from_tar": 0, "captions": 0}
     try:
         made: set[bytes] = set()
-        for row in kept.select("shard", "key", "location", "caption").iter_rows(named=True):
+        frames = [kept] if isinstance(kept, pl.DataFrame) else kept
+        rows = (r for f in frames for r in f.select("shard", "key", "location", "caption").iter_rows(named=True))
+        for row in rows:
             shard_dir = os.path.join(os.fsencode(staging), os.fsencode(str(row["shard"])))
             if shard_dir not in made:
                 os.makedirs(shard_dir, exist_ok=True)

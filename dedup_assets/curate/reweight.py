@@ -116,35 +116,57 @@ def _solve_scale(ratio: np.ndarray, count: np.ndarray, lo: float, hi: float) -> 
     return s
 
 
+COUNTS_SCHEMA: dict[str, pl.DataType] = {"cluster": pl.Int64, "before": pl.Int64, "after": pl.Int64}
+
+
+def cluster_weights(counts: pl.DataFrame, cfg: ReweightConfig = ReweightConfig()) -> pl.DataFrame:
+    """cluster, weight for every cluster that kept an image (mean exactly 1 over kept images).
+
+    `counts`: cluster, before (images in the cluster before filtering), after (of those, kept) —
+    one row per cluster, the only input that grows with the number of clusters rather than images,
+    so the table layer can count in SQL and hand this over.
+    """
+    per = counts.select(
+        pl.col("cluster").cast(pl.Int64), pl.col("before").cast(pl.Float64), pl.col("after").cast(pl.Float64)
+    )
+    if per["cluster"].n_unique() != per.height:
+        raise ValueError("counts must hold one row per cluster")
+    total_before, total_after = float(per["before"].sum()), float(per["after"].sum())
+    per = per.filter(pl.col("after") > 0).sort("cluster")
+    if per.height == 0:
+        return pl.DataFrame(schema={"cluster": pl.Int64, "weight": pl.Float64})
+    ratio = ((per["before"] / total_before) / (per["after"] / total_after)).to_numpy()
+    s = _solve_scale(ratio, per["after"].to_numpy(), cfg.min_weight, cfg.max_weight)
+    return per.select("cluster", pl.Series("weight", np.clip(s * ratio, cfg.min_weight, cfg.max_weight)))
+
+
+def _counts(before: pl.DataFrame, kept_ids: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+    after = before.filter(pl.col("image_id").is_in(_kept_ids(kept_ids)))
+    counts = (
+        before.group_by("cluster").len("before")
+        .join(after.group_by("cluster").len("after"), on="cluster", how="left")
+        .with_columns(pl.col("after").fill_null(0))
+    )
+    return counts, after
+
+
 def compute_weights(
     before_clusters: pl.DataFrame, kept_ids: pl.Series, cfg: ReweightConfig = ReweightConfig()
 ) -> pl.DataFrame:
     """One row per kept image that has a cluster: image_id, cluster, weight (mean exactly 1).
 
     `before_clusters`: image_id, cluster (and optionally clustering, then filtered to
-    cfg.clustering) for every image considered before filtering. Sorted by image_id.
+    cfg.clustering) for every image considered before filtering. Sorted by image_id. The
+    per-image form of `cluster_weights`, for callers that hold the frames.
     """
     before = _before_frame(before_clusters, cfg)
-    after = before.filter(pl.col("image_id").is_in(_kept_ids(kept_ids)))
+    counts, after = _counts(before, kept_ids)
     if after.height == 0:
         return pl.DataFrame(schema=WEIGHTS_SCHEMA)
-    per = (
-        _shares(before, "before")
-        .join(_shares(after, "after"), on="cluster", how="inner")
-        .join(after.group_by("cluster").len(), on="cluster")
-        .sort("cluster")
-    )
-    ratio = (per["before"] / per["after"]).to_numpy()
-    count = per["len"].to_numpy().astype(np.float64)
-    s = _solve_scale(ratio, count, cfg.min_weight, cfg.max_weight)
-    per = per.with_columns(pl.Series("weight", np.clip(s * ratio, cfg.min_weight, cfg.max_weight)))
+    per = cluster_weights(counts, cfg)
     return (
-        after.join(per.select("cluster", "weight"), on="cluster")
-        .select(
-            pl.col("image_id"),
-            pl.col("cluster").cast(pl.Int32),
-            pl.col("weight").cast(pl.Float64),
-        )
+        after.join(per, on="cluster")
+        .select(pl.col("image_id"), pl.col("cluster").cast(pl.Int32), pl.col("weight").cast(pl.Float64))
         .sort("image_id")
     )
 
@@ -173,14 +195,11 @@ def total_variation(before: pl.DataFrame, after_ids: pl.Series, weights: pl.Data
     return float(0.5 * (j["p"] - j["q"]).abs().sum())
 
 
-def reweight_report(
-    before: pl.DataFrame,
-    kept_ids: pl.Series,
-    weights: pl.DataFrame,
-    cfg: ReweightConfig = ReweightConfig(),
-    top: int = 12,
+def report_from_counts(
+    counts: pl.DataFrame, weights: pl.DataFrame, cfg: ReweightConfig = ReweightConfig(), top: int = 12
 ) -> dict[str, Any]:
-    """What reweighting did, for asset metadata.
+    """What reweighting did, from per-cluster counts (cluster, before, after) and the per-cluster
+    weights of `cluster_weights` (a kept cluster without a weight counts with weight 1).
 
     Keys: tv_unweighted, tv_weighted (≈ 0 when no bound binds and no cluster was emptied),
     clusters_emptied (clusters with images before and none after), clipped_low / clipped_high
@@ -188,28 +207,54 @@ def reweight_report(
     share_after, share_after_weighted, shift — the `top` largest |after − before|), plot_png
     (PNG bytes of those shifts, None when there are no clusters) and config.
     """
-    b = _before_frame(before, cfg)
+    per = (
+        counts.select(pl.col("cluster").cast(pl.Int64), pl.col("before").cast(pl.Float64), pl.col("after").cast(pl.Float64))
+        .join(weights.select(pl.col("cluster").cast(pl.Int64), "weight"), on="cluster", how="left")
+        .with_columns(pl.col("weight").fill_null(1.0))
+        .with_columns((pl.col("after") * pl.col("weight")).alias("after_w"))
+    )
+
+    def share(col: str) -> pl.Expr:
+        total = float(per[col].sum()) if per.height else 0.0
+        return pl.col(col) / (total if total > 0 else 1.0)
+
     shifts = (
-        _shares(b, "share_before")
-        .join(_after_shares(b, kept_ids, None, "share_after"), on="cluster", how="left")
-        .join(_after_shares(b, kept_ids, weights, "share_after_weighted"), on="cluster", how="left")
-        .with_columns(pl.col("share_after", "share_after_weighted").fill_null(0.0))
+        per.with_columns(
+            share("before").alias("share_before"), share("after").alias("share_after"),
+            share("after_w").alias("share_after_weighted"),
+        )
         .with_columns((pl.col("share_after") - pl.col("share_before")).abs().alias("shift"))
         .sort(["shift", "cluster"], descending=[True, False])
     )
-    w = weights["weight"] if weights.height else pl.Series("weight", [], dtype=pl.Float64)
     eps = 1e-12
-    top_shifts = shifts.head(top)
+    kept = shifts.filter(pl.col("after") > 0)
+    top_shifts = shifts.head(top).select(
+        pl.col("cluster").cast(pl.Int32), "share_before", "share_after", "share_after_weighted", "shift"
+    )
     return {
-        "tv_unweighted": total_variation(b, kept_ids),
-        "tv_weighted": total_variation(b, kept_ids, weights),
-        "clusters_emptied": int(shifts.filter((pl.col("share_before") > 0) & (pl.col("share_after") == 0)).height),
-        "clipped_low": int((w <= cfg.min_weight + eps).sum()),
-        "clipped_high": int((w >= cfg.max_weight - eps).sum()),
+        "tv_unweighted": float(0.5 * (shifts["share_before"] - shifts["share_after"]).abs().sum()),
+        "tv_weighted": float(0.5 * (shifts["share_before"] - shifts["share_after_weighted"]).abs().sum()),
+        "clusters_emptied": int(shifts.filter((pl.col("before") > 0) & (pl.col("after") == 0)).height),
+        "clipped_low": int(kept.filter(pl.col("weight") <= cfg.min_weight + eps)["after"].sum()),
+        "clipped_high": int(kept.filter(pl.col("weight") >= cfg.max_weight - eps)["after"].sum()),
         "top_shifts": top_shifts,
         "plot_png": _plot(top_shifts) if top_shifts.height else None,
         "config": {"clustering": cfg.clustering, "min_weight": cfg.min_weight, "max_weight": cfg.max_weight},
     }
+
+
+def reweight_report(
+    before: pl.DataFrame,
+    kept_ids: pl.Series,
+    weights: pl.DataFrame,
+    cfg: ReweightConfig = ReweightConfig(),
+    top: int = 12,
+) -> dict[str, Any]:
+    """`report_from_counts` for callers that hold the frames (`weights` from `compute_weights`)."""
+    b = _before_frame(before, cfg)
+    counts, _ = _counts(b, kept_ids)
+    per = weights.group_by("cluster").agg(pl.col("weight").first()) if weights.height else weights.select("cluster", "weight")
+    return report_from_counts(counts, per, cfg, top)
 
 
 def _plot(shifts: pl.DataFrame) -> bytes:

@@ -19,9 +19,9 @@ from pydantic import Field
 
 from dedup_assets.audit.report import audit_markdown, write_audit_html
 from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, StreamedTopK, audit_table, discover_generated
-from dedup_assets.curate.export import export_shards, write_manifest
-from dedup_assets.curate.reweight import ReweightConfig, compute_weights, reweight_report
-from dedup_assets.curate.select import check_accounting, select
+from dedup_assets import tables
+from dedup_assets.curate.export import export_shards
+from dedup_assets.curate.reweight import ReweightConfig, cluster_weights, report_from_counts
 from dedup_assets.defs.metadata import counts_md, markdown_preview, png_markdown
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
@@ -69,53 +69,35 @@ def filtered_dataset(
 ) -> MaterializeResult:
     wh = warehouse.get()
     started = time.perf_counter()
-    index = wh.read_table("image_index")
-    pre = _table_or_none(wh, "prefilter")
-    groups = _table_or_none(wh, "duplicate_groups")
-    embedded = wh.query("SELECT image_id FROM embeddings")["image_id"] if wh.table_exists("embeddings") else None
-    kept, removed = select(index, pre, groups, embedded)
-
-    clusters = wh.query(
-        "SELECT image_id, cluster FROM clusterings WHERE clustering = $c", {"c": curate.reweight_clustering}
-    )
     cfg = ReweightConfig(
         clustering=curate.reweight_clustering, min_weight=curate.min_weight, max_weight=curate.max_weight
     )
-    weights = compute_weights(clusters, kept["image_id"], cfg)
-    kept = (
-        kept.drop("weight")
-        .join(weights.select("image_id", "weight"), on="image_id", how="left")
-        .with_columns(pl.col("weight").fill_null(1.0))
-        .select("image_id", "shard", "key", "location", "caption", "width", "height", "weight")
-        .sort("image_id")
-    )
-    wh.replace_table("filtered_dataset", kept)
-    wh.replace_table("removed_images", removed.sort("image_id"))
-    report = reweight_report(clusters, kept["image_id"], weights, cfg)
-
     out_dir = warehouse.directory
-    manifest = write_manifest(kept, out_dir / "filtered_dataset.parquet")
+    built = tables.build_filtered_dataset(
+        wh, cfg.clustering, lambda counts: cluster_weights(counts, cfg), out_dir / "filtered_dataset.parquet"
+    )
+    report = report_from_counts(built["counts"], built["weights"], cfg)
     meta: dict = {}
     if curate.export_shards:
-        meta["export"] = MetadataValue.json(export_shards(kept, out_dir / "filtered_shards"))
+        meta["export"] = MetadataValue.json(export_shards(tables.iter_filtered_dataset(wh), out_dir / "filtered_shards"))
     seconds = time.perf_counter() - started
-    by_reason = (
-        removed.with_columns(pl.col("reason").str.split(":").list.first().alias("kind"))
-        .group_by("kind").len().rows()
+    context.log.info(
+        f"filtered_dataset: {built['indexed']:,} indexed → {built['kept']:,} kept, {built['removed']:,} removed "
+        f"in {seconds:.1f} s ({built['indexed'] / max(seconds, 1e-9):,.0f} rows/s)"
     )
     meta.update(
         {
-            "dagster/row_count": kept.height,
-            "indexed": index.height,
-            "kept": kept.height,
-            "removed": removed.height,
-            "removed_by_kind": counts_md({k: int(n) for k, n in by_reason}),
+            "dagster/row_count": built["kept"],
+            "indexed": built["indexed"],
+            "kept": built["kept"],
+            "removed": built["removed"],
+            "removed_by_kind": counts_md(built["removed_by_kind"]),
             "tv_distance_unweighted": round(float(report["tv_unweighted"]), 6),
             "tv_distance_weighted": round(float(report["tv_weighted"]), 6),
-            "manifest": MetadataValue.path(str(manifest)),
+            "manifest": MetadataValue.path(str(built["manifest"])),
             "seconds": round(seconds, 3),
-            "preview": markdown_preview(kept.select("image_id", "caption", "width", "height", "weight")),
-            "removed_preview": markdown_preview(removed),
+            "preview": markdown_preview(built["kept_preview"]),
+            "removed_preview": markdown_preview(built["removed_preview"]),
         }
     )
     if report.get("plot_png"):
@@ -129,10 +111,7 @@ def filtered_dataset(
     description="kept + removed = indexed, exactly: every indexed image is kept or has a removal reason.",
 )
 def filtered_dataset_accounting(warehouse: WarehouseResource) -> AssetCheckResult:
-    wh = warehouse.get()
-    ok, details = check_accounting(
-        wh.read_table("image_index"), wh.read_table("filtered_dataset"), wh.read_table("removed_images")
-    )
+    ok, details = tables.read_accounting(warehouse.get())
     return AssetCheckResult(
         passed=bool(ok),
         metadata={k: (MetadataValue.json(v) if isinstance(v, list) else v) for k, v in details.items()},

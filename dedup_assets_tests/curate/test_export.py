@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dedup_assets.curate.export import MARKER, export_shards, write_manifest
-from dedup_assets.curate.select import KEPT_SCHEMA
+from dedup_assets.curate.export import MARKER, export_shards
+from dedup_assets.tables import KEPT_SCHEMA
 from dedup_assets.ingest.shards import discover_shards, iter_shard
 
 
@@ -78,15 +78,6 @@ def source(tmp_path: Path) -> tuple[Path, pl.DataFrame]:
         pl.Series("weight", [1.5, 0.5, 1.0, 1.0])
     )
     return root, kept
-
-
-def test_manifest_round_trips(tmp_path: Path, source: tuple[Path, pl.DataFrame]) -> None:
-    _, kept = source
-    path = write_manifest(kept, tmp_path / "out" / "filtered_dataset.parquet")
-    back = pl.read_parquet(path)
-    assert back.equals(kept)
-    assert back.schema == pl.Schema(KEPT_SCHEMA)
-    assert [p.name for p in path.parent.iterdir()] == ["filtered_dataset.parquet"]  # no temp file left
 
 
 def test_export_links_kept_images_and_leaves_the_source_alone(
