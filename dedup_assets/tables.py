@@ -39,7 +39,7 @@ import polars as pl
 
 from dedup_assets.ingest.index import INDEX_SCHEMA, SKIPPED_SCHEMA
 from dedup_assets.store import EmbeddingStore, escape_key, unescape_name
-from dedup_assets.warehouse import Warehouse, WarehouseError, table_exists, transaction
+from dedup_assets.warehouse import Warehouse, WarehouseError, table_columns, table_exists, transaction
 
 __all__ = [
     "EMBEDDINGS",
@@ -402,9 +402,7 @@ def read_fit(wh: Warehouse) -> Fit | None:
     if not wh.table_exists(CLUSTERING_CENTROIDS):
         return None
     with wh.connect() as con:
-        cols = {r[0] for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [CLUSTERING_CENTROIDS]
-        ).fetchall()}
+        cols = set(table_columns(con, CLUSTERING_CENTROIDS))
         if not {"bucket", "n_buckets", "soft"} <= cols:
             return None
         tbl = con.sql(f"SELECT * FROM {CLUSTERING_CENTROIDS} ORDER BY clustering, cluster").to_arrow_table()
@@ -453,10 +451,7 @@ def forget_assignments(wh: Warehouse, partition: str | None = None) -> None:
 def write_clusterings(wh: Warehouse, partition: str, df: pl.DataFrame) -> int:
     if wh.table_exists(CLUSTERINGS):
         with wh.connect() as con:
-            cols = [r[0] for r in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
-                [CLUSTERINGS]).fetchall()]
-            if cols != list(CLUSTERINGS_SCHEMA):  # a table from before the streamed corpus stage
+            if table_columns(con, CLUSTERINGS) != list(CLUSTERINGS_SCHEMA):  # a table from before the streamed corpus stage
                 con.execute(f"DROP TABLE {CLUSTERINGS}")
     return wh.replace_partition(CLUSTERINGS, df.select(list(CLUSTERINGS_SCHEMA)), "shard", partition)
 
@@ -799,10 +794,7 @@ def _selection_sql(con, embedded: bool) -> str:  # noqa: ANN001
     """
     has_pf = table_exists(con, PREFILTER)
     has_groups = table_exists(con, DUPLICATE_GROUPS)
-    cols = {r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = 'main'",
-        [IMAGE_INDEX]).fetchall()}
-    error = "CAST(i.error AS VARCHAR)" if "error" in cols else "CAST(NULL AS VARCHAR)"
+    error = "CAST(i.error AS VARCHAR)" if "error" in table_columns(con, IMAGE_INDEX) else "CAST(NULL AS VARCHAR)"
     joins, failed, first, reasons, keeper, sim, no_emb = [], "false", "NULL", "NULL", "NULL", "NULL", "false"
     if has_pf:
         joins.append(f"LEFT JOIN {PREFILTER} p ON p.image_id = i.image_id")

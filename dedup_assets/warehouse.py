@@ -255,8 +255,9 @@ def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     return bool(rows and rows[0][0])
 
 
-def _check_same_columns(con: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame) -> None:
-    existing = [
+def table_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """Column names of `table` in the main schema, in order ([] when it does not exist)."""
+    return [
         r[0]
         for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
@@ -264,6 +265,10 @@ def _check_same_columns(con: duckdb.DuckDBPyConnection, table: str, df: pl.DataF
             [table],
         ).fetchall()
     ]
+
+
+def _check_same_columns(con: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame) -> None:
+    existing = table_columns(con, table)
     if existing != list(df.columns):
         raise WarehouseError(
             f"table {table!r} has columns {existing} but this version writes {list(df.columns)}; "
