@@ -591,23 +591,123 @@ class CorpusFiles:
         except (OSError, ValueError):
             return None
 
-    def write_bucket_pairs(self, fit_id: str, bucket: int, df: pl.DataFrame, manifest: dict) -> Path:
-        """Atomically replace a bucket's pairs and its manifest (the manifest goes last)."""
-        path = self.pairs_path(fit_id, bucket)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-        df.select(list(BUCKET_PAIRS_SCHEMA)).write_parquet(tmp)
-        os.replace(tmp, path)
-        mtmp = path.with_suffix(f".json.tmp-{uuid.uuid4().hex[:8]}")
-        mtmp.write_text(json.dumps(manifest))
-        os.replace(mtmp, path.with_suffix(".json"))
-        return path
-
-    def read_bucket_pairs(self, fit_id: str, bucket: int) -> pl.DataFrame:
-        return pl.read_parquet(self.pairs_path(fit_id, bucket))
+    def pair_spill(self, fit_id: str, bucket: int, rows_per_part: int = 1 << 21) -> "PairSpill":
+        """A spill of one bucket's pair chunks to files, merged into its pair file by `PairSpill.finish`."""
+        return PairSpill(self, fit_id, bucket, rows_per_part)
 
     def pair_files(self, fit_id: str, n_buckets: int) -> list[Path]:
         return [p for b in range(n_buckets) if (p := self.pairs_path(fit_id, b)).exists()]
+
+
+class PairSpill:
+    """One bucket's pairs on their way to `pairs/bucket_NNNN.parquet` without being held at once.
+
+    `add(vi, vj, sim, found_by)` buffers chunks of bucket-local vector indices and writes a Parquet
+    part (int32, int32, float32, uint8: 13 bytes a row) whenever `rows_per_part` rows are buffered.
+    `finish` unions the parts in DuckDB (one row per pair: max similarity, found_by ORed — a pair
+    is found once per clustering and per soft cluster), joins the bucket's ids and shards, puts
+    image_a < image_b, appends the kept rows of the old pair file (incremental mode: rows of no
+    dirty shard), and replaces the pair file and its manifest atomically. DuckDB runs under the
+    step's memory limit and spills to the part folder, so the step's memory does not grow with
+    the bucket's pairs.
+    """
+
+    def __init__(self, files: CorpusFiles, fit_id: str, bucket: int, rows_per_part: int) -> None:
+        self.files, self.fit_id, self.bucket = files, fit_id, int(bucket)
+        self.rows_per_part = max(1, int(rows_per_part))
+        self.dir = files.fit_dir(fit_id) / "pairs" / f"bucket_{self.bucket:04d}.spill-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self.parts: list[Path] = []
+        self.rows_added = 0
+
+    def add(self, vi: np.ndarray, vj: np.ndarray, sim: np.ndarray, found_by: np.ndarray) -> None:
+        self._buf.append((np.asarray(vi, np.int32), np.asarray(vj, np.int32),
+                          np.asarray(sim, np.float32), np.asarray(found_by, np.uint8)))
+        self._buffered += len(vi)
+        self.rows_added += len(vi)
+        if self._buffered >= self.rows_per_part:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = [np.concatenate([c[k] for c in self._buf]) if self._buf else np.zeros(0, t)
+                for k, t in enumerate((np.int32, np.int32, np.float32, np.uint8))]
+        path = self.dir / f"part_{len(self.parts):05d}.parquet"
+        pq.write_table(pa.table(dict(zip(("vi", "vj", "sim", "fb"), cols))), path)
+        self.parts.append(path)
+        self._buf, self._buffered = [], 0
+
+    def finish(self, ids: Sequence[str], partitions: Sequence[str], partition_of: np.ndarray,
+               manifest: dict, old_dirty: Sequence[str] | None = None) -> tuple[int, int]:
+        """Write the bucket's pair file; (new pairs, pairs in the file). `old_dirty`: keep the old
+        file's rows that touch none of these shards (None = no old rows)."""
+        import duckdb
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from dedup_assets.warehouse import duckdb_memory_limit
+
+        try:
+            if self._buf or not self.parts:
+                self._flush()
+            part_of = np.asarray(partition_of, dtype=np.int32)
+            pq.write_table(pa.table({
+                "v": np.arange(len(ids), dtype=np.int32),
+                "image_id": pa.array(ids, pa.string()),
+                "shard": pa.array(list(partitions), pa.string()).take(pa.array(part_of)),
+            }), self.dir / "ids.parquet")
+            out = self.files.pairs_path(self.fit_id, self.bucket)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + f".tmp-{uuid.uuid4().hex[:8]}")
+            parts = "[" + ", ".join(_sql_str(p) for p in self.parts) + "]"
+            new = (
+                "WITH p AS (SELECT vi, vj, max(sim) AS sim, bit_or(fb) AS fb "
+                f"FROM read_parquet({parts}) GROUP BY vi, vj), "
+                f"ids AS (SELECT * FROM read_parquet({_sql_str(self.dir / 'ids.parquet')})) "
+                "SELECT CASE WHEN a.image_id < b.image_id THEN a.image_id ELSE b.image_id END AS image_a, "
+                "CASE WHEN a.image_id < b.image_id THEN b.image_id ELSE a.image_id END AS image_b, "
+                "CAST(p.sim AS FLOAT) AS similarity, CAST(p.fb AS UTINYINT) AS found_by, "
+                "CASE WHEN a.image_id < b.image_id THEN a.shard ELSE b.shard END AS shard_a, "
+                "CASE WHEN a.image_id < b.image_id THEN b.shard ELSE a.shard END AS shard_b "
+                "FROM p JOIN ids a ON a.v = p.vi JOIN ids b ON b.v = p.vj"
+            )
+            old_path = self.files.pairs_path(self.fit_id, self.bucket)
+            kept_old = ""
+            if old_dirty is not None and old_path.exists():
+                dirty = "[" + ", ".join(_sql_str(d) for d in old_dirty) + "]::VARCHAR[]"
+                kept_old = (
+                    " UNION ALL SELECT image_a, image_b, CAST(similarity AS FLOAT), CAST(found_by AS UTINYINT), "
+                    f"shard_a, shard_b FROM read_parquet({_sql_str(old_path)}) "
+                    f"WHERE NOT list_contains({dirty}, shard_a) AND NOT list_contains({dirty}, shard_b)"
+                )
+            con = duckdb.connect(config={"memory_limit": duckdb_memory_limit(),
+                                         "temp_directory": str(self.dir / "duckdb_tmp")})
+            try:
+                con.execute(f"COPY ({new}{kept_old}) TO {_sql_str(tmp)} (FORMAT parquet)")
+                total = int(con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(tmp)})").fetchall()[0][0])
+                n_new = total
+                if kept_old:
+                    n_new = total - int(con.execute(
+                        f"SELECT count(*) FROM ({kept_old.removeprefix(' UNION ALL ')})").fetchall()[0][0])
+            finally:
+                con.close()
+            os.replace(tmp, out)
+            mtmp = out.with_suffix(f".json.tmp-{uuid.uuid4().hex[:8]}")
+            mtmp.write_text(json.dumps(manifest))
+            os.replace(mtmp, out.with_suffix(".json"))
+            return n_new, total
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        import shutil
+
+        self._buf = []
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass

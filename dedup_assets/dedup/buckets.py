@@ -16,8 +16,9 @@ cluster2) of each bucket, with a cluster that belongs to another bucket replaced
 
 Search (`search_bucket`): exact pairs ≥ τ inside each cluster of the bucket, cluster by
 cluster, through `kernels.block_pairs` (CPU blocks, or fp16 GEMM re-scored in float32 on a
-GPU); vectors are fetched per cluster from the bucket's files (memory-mapped), so a step holds
-one cluster's rows plus the pairs it found. With `is_new`, only pairs that touch a new vector
+GPU); vectors are fetched per cluster from the bucket's files (memory-mapped), and each
+cluster's pairs leave as a chunk (`bucket_pair_chunks`), so a step holds one cluster's rows and
+its pairs; the step spills chunks to files and unions them in DuckDB. With `is_new`, only pairs that touch a new vector
 are computed (incremental dedup: |new in cluster| × |cluster| dot products).
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,11 +35,14 @@ from dedup_assets.dedup.kernels import block_comparisons, block_pairs, resolve_d
 __all__ = [
     "BALANCE",
     "BucketPairs",
+    "BucketStats",
     "VectorFiles",
+    "bucket_pair_chunks",
     "choose_n_buckets",
     "plan_buckets",
     "route",
     "search_bucket",
+    "union_chunks",
 ]
 
 BALANCE = 1.25  # a bucket takes at most this multiple of the mean load (then the next-nearest)
@@ -219,6 +223,15 @@ class BucketPairs:
         return int(self.vi.size)
 
 
+@dataclass
+class BucketStats:
+    """Work done by `bucket_pair_chunks` (filled in as it runs)."""
+
+    comparisons: int = 0
+    clusters_searched: int = 0
+    largest_cluster: int = 0
+
+
 def _members(vec: np.ndarray, cluster: np.ndarray, cluster2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     keep1, keep2 = cluster >= 0, cluster2 >= 0
     mv = np.concatenate([vec[keep1], vec[keep2]]).astype(np.int64)
@@ -235,6 +248,94 @@ def _members(vec: np.ndarray, cluster: np.ndarray, cluster2: np.ndarray) -> tupl
     return mv, np.concatenate([[0], cut]).astype(np.int64), np.concatenate([cut, [mv.size]]).astype(np.int64)
 
 
+def bucket_pair_chunks(
+    take: Callable[[np.ndarray], np.ndarray],
+    vec: np.ndarray,
+    clustering: np.ndarray,
+    cluster: np.ndarray,
+    cluster2: np.ndarray,
+    threshold: float,
+    stats: BucketStats,
+    block_size: int = 4096,
+    device: str = "cpu",
+    is_new: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every pair ≥ threshold of vectors that share a cluster of this bucket, one cluster at a time.
+
+    Yields (vi, vj, sim, found_by) chunks with vi < vj (int32 vector indices), float32 cosines and
+    the clustering's bit; a pair found by several clusters or clusterings comes once per finder, so
+    the consumer unions them (`search_bucket` in memory, or a spill to files merged in DuckDB, as the
+    `search_bucket` step does so that one step never holds all of a bucket's pairs).
+
+    `take(rows)` returns the float32 vectors of ascending vector indices. Entry arrays are
+    parallel (one per (vector, clustering)); cluster ids < 0 are not in this bucket. With
+    `is_new` (bool per vector) only pairs with at least one new vector are returned.
+    `progress(done, total)` is called after each clustering; `stats` counts the work.
+    """
+    vec = np.asarray(vec, dtype=np.int64)
+    clustering = np.asarray(clustering, dtype=np.int64)
+    cluster = np.asarray(cluster, dtype=np.int64)
+    cluster2 = np.asarray(cluster2, dtype=np.int64)
+    if not (vec.shape == clustering.shape == cluster.shape == cluster2.shape):
+        raise ValueError("vec, clustering, cluster and cluster2 must be parallel arrays")
+    if vec.size and int(vec.max()) >= 2**31 - 1:
+        raise ValueError(f"a bucket holds at most 2**31 - 1 vectors, got index {int(vec.max())}")
+    resolved = resolve_device(device)
+    present = np.unique(clustering).tolist()
+    for step, c in enumerate(present, 1):
+        if not 0 <= c < 8:
+            raise ValueError(f"clustering index {c} does not fit the 8-bit found_by mask")
+        sel = clustering == c
+        mv, starts, ends = _members(vec[sel], cluster[sel], cluster2[sel])
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            if e - s < 2:
+                continue
+            rows = mv[s:e]
+            stats.largest_cluster = max(stats.largest_cluster, e - s)
+            if is_new is not None:
+                new = is_new[rows]
+                if not new.any():
+                    continue
+                x = take(rows)
+                a = np.flatnonzero(new)
+                i, j, sim = block_pairs(x[a], x, threshold, device=resolved, block_size=block_size)
+                gi, gj = rows[a[i]], rows[j]
+                keep = (gi != gj) & (~is_new[gj] | (gi < gj))  # a new–new pair once
+                gi, gj, sim = gi[keep], gj[keep], sim[keep]
+                stats.comparisons += block_comparisons(a.size, rows.size, block_size)
+            else:
+                x = take(rows)
+                i, j, sim = block_pairs(x, None, threshold, device=resolved, block_size=block_size)
+                gi, gj = rows[i], rows[j]
+                stats.comparisons += block_comparisons(rows.size, None, block_size)
+            stats.clusters_searched += 1
+            if gi.size:
+                yield (np.minimum(gi, gj).astype(np.int32), np.maximum(gi, gj).astype(np.int32),
+                       np.asarray(sim, dtype=np.float32), np.full(gi.size, 1 << c, np.uint8))
+        if progress is not None:
+            progress(step, len(present))
+
+
+def union_chunks(chunks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray
+]:
+    """One row per pair of (vi, vj, sim, found_by) chunks: the largest sim, found_by ORed; sorted."""
+    if not chunks:
+        z = np.zeros(0, np.int64)
+        return z, z.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8)
+    i = np.concatenate([c[0] for c in chunks]).astype(np.int64)
+    j = np.concatenate([c[1] for c in chunks]).astype(np.int64)
+    sim, fb = np.concatenate([c[2] for c in chunks]), np.concatenate([c[3] for c in chunks])
+    order = np.lexsort((j, i))
+    i, j, sim, fb = i[order], j[order], sim[order], fb[order]
+    first = np.ones(i.size, dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    starts = np.flatnonzero(first)
+    return (i[starts], j[starts], np.maximum.reduceat(sim, starts).astype(np.float32),
+            np.bitwise_or.reduceat(fb, starts).astype(np.uint8))
+
+
 def search_bucket(
     take: Callable[[np.ndarray], np.ndarray],
     vec: np.ndarray,
@@ -247,73 +348,10 @@ def search_bucket(
     is_new: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BucketPairs:
-    """Every pair ≥ threshold of vectors that share a cluster of this bucket, in any clustering.
-
-    `take(rows)` returns the float32 vectors of ascending vector indices. Entry arrays are
-    parallel (one per (vector, clustering)); cluster ids < 0 are not in this bucket. With
-    `is_new` (bool per vector) only pairs with at least one new vector are returned.
-    `progress(done, total)` is called after each clustering.
-    """
-    vec = np.asarray(vec, dtype=np.int64)
-    clustering = np.asarray(clustering, dtype=np.int64)
-    cluster = np.asarray(cluster, dtype=np.int64)
-    cluster2 = np.asarray(cluster2, dtype=np.int64)
-    if not (vec.shape == clustering.shape == cluster.shape == cluster2.shape):
-        raise ValueError("vec, clustering, cluster and cluster2 must be parallel arrays")
-    resolved = resolve_device(device)
-    parts_i, parts_j, parts_s, parts_b = [], [], [], []
-    comparisons = searched = largest = 0
-    present = np.unique(clustering).tolist()
-    for step, c in enumerate(present, 1):
-        if not 0 <= c < 8:
-            raise ValueError(f"clustering index {c} does not fit the 8-bit found_by mask")
-        sel = clustering == c
-        mv, starts, ends = _members(vec[sel], cluster[sel], cluster2[sel])
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            if e - s < 2:
-                continue
-            rows = mv[s:e]
-            largest = max(largest, e - s)
-            if is_new is not None:
-                new = is_new[rows]
-                if not new.any():
-                    continue
-                x = take(rows)
-                a = np.flatnonzero(new)
-                i, j, sim = block_pairs(x[a], x, threshold, device=resolved, block_size=block_size)
-                gi, gj = rows[a[i]], rows[j]
-                keep = (gi != gj) & (~is_new[gj] | (gi < gj))  # a new–new pair once
-                gi, gj, sim = gi[keep], gj[keep], sim[keep]
-                comparisons += block_comparisons(a.size, rows.size, block_size)
-            else:
-                x = take(rows)
-                i, j, sim = block_pairs(x, None, threshold, device=resolved, block_size=block_size)
-                gi, gj = rows[i], rows[j]
-                comparisons += block_comparisons(rows.size, None, block_size)
-            searched += 1
-            if gi.size:
-                parts_i.append(np.minimum(gi, gj))
-                parts_j.append(np.maximum(gi, gj))
-                parts_s.append(sim.astype(np.float32))
-                parts_b.append(np.full(gi.size, 1 << c, np.uint8))
-        if progress is not None:
-            progress(step, len(present))
-    if not parts_i:
-        z = np.zeros(0, np.int64)
-        return BucketPairs(z, z.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), comparisons, searched, largest)
-    i, j = np.concatenate(parts_i), np.concatenate(parts_j)
-    sim, fb = np.concatenate(parts_s), np.concatenate(parts_b)
-    order = np.lexsort((j, i))
-    i, j, sim, fb = i[order], j[order], sim[order], fb[order]
-    first = np.ones(i.size, dtype=bool)
-    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
-    starts = np.flatnonzero(first)
-    return BucketPairs(
-        vi=i[starts],
-        vj=j[starts],
-        sim=np.maximum.reduceat(sim, starts).astype(np.float32),
-        found_by=np.bitwise_or.reduceat(fb, starts).astype(np.uint8),
-        comparisons=int(comparisons),
-        clusters_searched=int(searched),
-        largest_cluster=int(largest),
-    )
+    """`bucket_pair_chunks` collected in memory: every pair once (for small buckets and tests)."""
+    stats = BucketStats()
+    chunks = list(bucket_pair_chunks(take, vec, clustering, cluster, cluster2, threshold, stats,
+                                     block_size=block_size, device=device, is_new=is_new, progress=progress))
+    vi, vj, sim, fb = union_chunks(chunks)
+    return BucketPairs(vi, vj, sim, fb, int(stats.comparisons), int(stats.clusters_searched),
+                       int(stats.largest_cluster))

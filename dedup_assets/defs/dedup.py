@@ -43,8 +43,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from dedup_assets.dedup.buckets import BucketPairs, choose_n_buckets, plan_buckets, route
-from dedup_assets.dedup.buckets import search_bucket as search_bucket_rows
+from dedup_assets.dedup.buckets import BucketStats, bucket_pair_chunks, choose_n_buckets, plan_buckets, route
 from dedup_assets.dedup.incremental import needs_refit
 from dedup_assets.dedup.kernels import describe_backend
 from dedup_assets.dedup.kmeans import (
@@ -59,7 +58,6 @@ from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
 from dedup_assets.tables import (
-    BUCKET_PAIRS_SCHEMA,
     CLUSTERINGS_SCHEMA,
     CorpusFiles,
     Fit,
@@ -334,10 +332,6 @@ def plan_bucket_search(context: OpExecutionContext, warehouse: WarehouseResource
         yield DynamicOutput(b, mapping_key=f"bucket_{b:04d}")
 
 
-def _as_str_array(values: list[str]) -> np.ndarray:
-    return np.asarray(values, dtype=object)
-
-
 @op(
     pool="gpu",
     tags={"dedup-assets/step": "bucket"},
@@ -359,7 +353,7 @@ def search_bucket(
     data = files.read_bucket(fit.fit_id, bucket, int(fit.centroids[0].shape[1]))
     stem_part = {stem.name: key for key, stem in files.batches(fit.fit_id, bucket)}
     manifest = files.read_pairs_manifest(fit.fit_id, bucket) if dedup.incremental else None
-    old = None
+    old_dirty = None
     is_new = None
     mode = "full"
     if (manifest and manifest.get("fit_id") == fit.fit_id and manifest.get("threshold") == tau
@@ -367,9 +361,7 @@ def search_bucket(
         before = manifest.get("stamps", {})
         dirty = {stem_part[s] for s, st in data.stamps.items() if before.get(s) != st}
         dirty |= {manifest.get("partitions", {}).get(s, "") for s in set(before) - set(data.stamps)}
-        old = files.read_bucket_pairs(fit.fit_id, bucket)
-        if dirty:
-            old = old.filter(~pl.col("shard_a").is_in(list(dirty)) & ~pl.col("shard_b").is_in(list(dirty)))
+        old_dirty = sorted(dirty)
         dirty_idx = [i for i, key in enumerate(data.partitions) if key in dirty]
         is_new = np.isin(data.partition_of, dirty_idx)
         mode = "incremental"
@@ -382,48 +374,35 @@ def search_bucket(
     )
 
     def progress(done: int, total: int) -> None:
-        context.log.info(f"bucket {bucket}: clustering {done}/{total} searched after {time.perf_counter() - t0:.1f}s")
+        context.log.info(f"bucket {bucket}: clustering {done}/{total} searched after {time.perf_counter() - t0:.1f}s "
+                         f"({spill.rows_added:,} pair rows so far)")
 
-    if is_new is not None and not is_new.any():
-        z = np.zeros(0, np.int64)
-        bp = BucketPairs(z, z.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), 0, 0, 0)
-    else:
-        bp = search_bucket_pairs(data, ent, tau, dedup, is_new, progress)
-    ids = _as_str_array(data.ids)
-    a, b = ids[bp.vi], ids[bp.vj]
-    swap = (b < a).astype(bool) if len(bp) else np.zeros(0, bool)
-    parts = _as_str_array(data.partitions)
-    pa_, pb_ = parts[data.partition_of[bp.vi]], parts[data.partition_of[bp.vj]]
-    new_df = pl.DataFrame(
-        {
-            "image_a": np.where(swap, b, a).tolist(), "image_b": np.where(swap, a, b).tolist(),
-            "similarity": bp.sim, "found_by": bp.found_by,
-            "shard_a": np.where(swap, pb_, pa_).tolist(), "shard_b": np.where(swap, pa_, pb_).tolist(),
-        },
-        schema=BUCKET_PAIRS_SCHEMA,
-    )
-    df = pl.concat([old.select(list(BUCKET_PAIRS_SCHEMA)), new_df]) if old is not None else new_df
-    files.write_bucket_pairs(
-        fit.fit_id, bucket, df,
-        {"fit_id": fit.fit_id, "threshold": tau, "stamps": data.stamps, "partitions": stem_part},
-    )
+    stats = BucketStats()
+    spill = files.pair_spill(fit.fit_id, bucket)
+    try:
+        if is_new is None or is_new.any():
+            for chunk in bucket_pair_chunks(
+                data.vectors.take, ent["vec"], ent["clustering"], ent["cluster"], ent["cluster2"], tau, stats,
+                block_size=dedup.block_size, device=dedup.device, is_new=is_new, progress=progress,
+            ):
+                spill.add(*chunk)
+        n_new, n_total = spill.finish(
+            data.ids, data.partitions, data.partition_of,
+            {"fit_id": fit.fit_id, "threshold": tau, "stamps": data.stamps, "partitions": stem_part},
+            old_dirty=old_dirty,
+        )
+    finally:
+        spill.close()
     seconds = time.perf_counter() - t0
     context.log.info(
-        f"bucket {bucket}: {len(bp)} new pairs ({df.height} in all), {bp.comparisons:,} comparisons in {seconds:.1f}s "
-        f"({bp.comparisons / max(seconds, 1e-9) / 1e6:.1f}M/s), largest cluster {bp.largest_cluster}"
+        f"bucket {bucket}: {n_new:,} new pairs ({n_total:,} in all), {stats.comparisons:,} comparisons in {seconds:.1f}s "
+        f"({stats.comparisons / max(seconds, 1e-9) / 1e6:.1f}M/s), largest cluster {stats.largest_cluster}"
     )
     return {
-        "bucket": bucket, "vectors": n_vec, "entries": int(ent["vec"].size), "pairs": df.height, "new_pairs": len(bp),
-        "comparisons": int(bp.comparisons), "largest_cluster": bp.largest_cluster, "seconds": round(seconds, 3),
+        "bucket": bucket, "vectors": n_vec, "entries": int(ent["vec"].size), "pairs": n_total, "new_pairs": n_new,
+        "comparisons": int(stats.comparisons), "largest_cluster": stats.largest_cluster, "seconds": round(seconds, 3),
         "mode": mode,
     }
-
-
-def search_bucket_pairs(data, ent: dict, tau: float, dedup: DedupResource, is_new, progress):  # noqa: ANN001, ANN201
-    return search_bucket_rows(
-        data.vectors.take, ent["vec"], ent["clustering"], ent["cluster"], ent["cluster2"], tau,
-        block_size=dedup.block_size, device=dedup.device, is_new=is_new, progress=progress,
-    )
 
 
 @op(description="candidate_pairs = the union of every bucket's pairs (DuckDB), with its metadata.")
