@@ -331,6 +331,7 @@ def _print_summary(wh, result, shard_check_failures: list[str]) -> None:  # noqa
         ("passed pre-filters", "prefilter", "WHERE passed"),
         ("embedded", "embeddings", ""),
         ("candidate pairs", "candidate_pairs", ""),
+        ("verified duplicate pairs", "verified_pairs", "WHERE is_duplicate"),
         ("images in duplicate groups", "duplicate_groups", ""),
         ("duplicate groups", "duplicate_groups", "WHERE is_keeper"),
         ("kept (filtered_dataset)", "filtered_dataset", ""),

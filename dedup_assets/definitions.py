@@ -21,6 +21,7 @@ from dedup_assets.defs.dedup import (
     candidate_pairs_recall,
     clusterings,
     duplicate_groups,
+    verified_pairs,
 )
 from dedup_assets.defs.embed import embeddings, embeddings_unit_norm_one_model
 from dedup_assets.defs.filters import PrefilterResource, prefilter
@@ -37,7 +38,7 @@ from dedup_assets.defs.resources import resources_from_settings
 from dedup_assets.settings import Settings
 
 PER_SHARD_ASSETS = [image_index, prefilter, embeddings]
-CORPUS_ASSETS = [clusterings, candidate_pairs, duplicate_groups, filtered_dataset, regurgitation_audit]
+CORPUS_ASSETS = [clusterings, candidate_pairs, verified_pairs, duplicate_groups, filtered_dataset, regurgitation_audit]
 ALL_ASSETS = [*PER_SHARD_ASSETS, *CORPUS_ASSETS]
 ALL_CHECKS = [
     image_index_ids_unique,

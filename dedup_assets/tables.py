@@ -322,13 +322,24 @@ def resolve_threshold(override: float | None, embedder: ThresholdSource) -> floa
     return float(calibrated)
 
 
+def search_threshold(tau: float, verifying: bool, margin: float) -> float:
+    """The cosine at which candidate pairs are searched: τ itself, or τ − margin when a verification
+    stage confirms candidates (it recovers copies the vectors place just below τ)."""
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"verify_margin must be in [0, 1), got {margin}")
+    return max(-1.0, float(tau) - float(margin)) if verifying else float(tau)
+
+
 # ------------------------------------------------------------------------------- the corpus stage
 # Tables (DuckDB):
 #   clustering_centroids  one row per (clustering, cluster) of the current fit: CENTROIDS_SCHEMA
 #   clusterings           one row per (image, clustering): CLUSTERINGS_SCHEMA, written per partition
 #   clustering_partitions one row per partition assigned under the current fit: its store stamp
-#   candidate_pairs       one row per pair image_a < image_b with cosine ≥ τ: PAIRS_SCHEMA
-#   duplicate_groups      one row per image of a group of two or more: GROUP_SCHEMA (dedup.groups)
+#   candidate_pairs       one row per pair image_a < image_b with cosine ≥ the search τ: PAIRS_SCHEMA
+#   verified_pairs        one row per candidate pair with its verification verdict and whether it is
+#                         a duplicate edge: VERIFIED_SCHEMA (dedup.verify)
+#   duplicate_groups      one row per image of a group of two or more, built on the duplicate edges
+#                         of verified_pairs: GROUP_SCHEMA (dedup.groups)
 # Files (`<warehouse stem>_files/dedup/<fit_id>/`):
 #   bucket_<b>/<partition>.<batch>.npy          float32 (m, d): the distinct vectors routed to b
 #   bucket_<b>/<partition>.<batch>.ids.parquet  image_id of each of those m vectors
@@ -337,10 +348,12 @@ def resolve_threshold(override: float | None, embedder: ThresholdSource) -> floa
 #       written last, so its presence marks a complete batch
 #   pairs/bucket_<b>.parquet + .json            the pairs found in b (PAIRS_SCHEMA + shard_a,
 #       shard_b) and what they were computed from (fit, τ, the batches' stamps), for incremental runs
+# and `<warehouse stem>_files/verify/chunk_<c>.parquet`: one verification step's verdicts (VERIFIED_SCHEMA).
 CLUSTERING_CENTROIDS = "clustering_centroids"
 CLUSTERINGS = "clusterings"
 CLUSTERING_PARTITIONS = "clustering_partitions"
 CANDIDATE_PAIRS = "candidate_pairs"
+VERIFIED_PAIRS = "verified_pairs"
 DUPLICATE_GROUPS = "duplicate_groups"
 
 CLUSTERINGS_SCHEMA = {
@@ -349,6 +362,14 @@ CLUSTERINGS_SCHEMA = {
 CLUSTERING_PARTITIONS_SCHEMA = {"partition": pl.String, "fit_id": pl.String, "rows": pl.Int64, "stamp": pl.String}
 PAIRS_SCHEMA = {"image_a": pl.String, "image_b": pl.String, "similarity": pl.Float32, "found_by": pl.UInt8}
 BUCKET_PAIRS_SCHEMA = {**PAIRS_SCHEMA, "shard_a": pl.String, "shard_b": pl.String}
+VERIFIED_SCHEMA = {
+    **PAIRS_SCHEMA,
+    "is_duplicate": pl.Boolean,  # an edge of duplicate_groups
+    "verdict": pl.String,  # accepted | undecided:<reason> | rejected:<reason> | not_verified
+    "inliers": pl.Int32, "overlap": pl.Float32, "changed": pl.Float32, "mirrored": pl.Boolean,
+    # the agreeing matches (x, y interleaved, as fractions of each image's width and height; ≤ 48 points)
+    "points_a": pl.List(pl.Float32), "points_b": pl.List(pl.Float32),
+}
 
 
 @dataclass(frozen=True)
@@ -753,6 +774,79 @@ def pair_summary(wh: Warehouse, n_clusterings: int) -> dict:
     return {"pairs": n, "per_clustering": per, "cumulative": cum}
 
 
+def verify_dir(wh: Warehouse) -> Path:
+    return wh.path.with_name(wh.path.stem + "_files") / "verify"
+
+
+def candidate_pair_count(wh: Warehouse) -> int:
+    with wh.connect() as con:
+        if not table_exists(con, CANDIDATE_PAIRS):
+            return 0
+        return int(con.execute(f"SELECT count(*) FROM {CANDIDATE_PAIRS}").fetchall()[0][0])
+
+
+def read_candidate_chunk(wh: Warehouse, chunk: int, n_chunks: int) -> pl.DataFrame:
+    """The candidate pairs of one verification step (by a hash of image_a, so an image's pairs as
+    `a` share a step and its cached features), ordered by image_a, with both images' locations."""
+    return wh.query(
+        f"SELECT p.image_a, p.image_b, p.similarity, p.found_by, ia.location AS location_a, "
+        f"ib.location AS location_b FROM {CANDIDATE_PAIRS} p "
+        f"LEFT JOIN {IMAGE_INDEX} ia ON ia.image_id = p.image_a LEFT JOIN {IMAGE_INDEX} ib ON ib.image_id = p.image_b "
+        "WHERE hash(p.image_a) % $n = $c ORDER BY p.image_a, p.image_b",
+        {"n": int(n_chunks), "c": int(chunk)},
+    )
+
+
+def write_verify_chunk(wh: Warehouse, chunk: int, df: pl.DataFrame) -> Path:
+    d = verify_dir(wh)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"chunk_{int(chunk):05d}.parquet"
+    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    df.select(list(VERIFIED_SCHEMA)).cast(VERIFIED_SCHEMA).write_parquet(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def clear_verify_chunks(wh: Warehouse) -> None:
+    for p in verify_dir(wh).glob("chunk_*.parquet*"):
+        p.unlink(missing_ok=True)
+
+
+_VERIFIED_DDL = (
+    "image_a VARCHAR, image_b VARCHAR, similarity FLOAT, found_by UTINYINT, is_duplicate BOOLEAN, "
+    "verdict VARCHAR, inliers INTEGER, overlap FLOAT, changed FLOAT, mirrored BOOLEAN, points_a FLOAT[], points_b FLOAT[]"
+)
+
+
+def merge_verified_pairs(wh: Warehouse, chunks: Sequence[Path] | None, tau: float) -> dict:
+    """verified_pairs from the steps' chunk files; chunks=None = no verification: every candidate
+    pair ≥ τ is a duplicate edge (verdict 'not_verified'). Returns counts by verdict."""
+    with wh.connect() as con:
+        with transaction(con):
+            if chunks is None:
+                src = (
+                    f"SELECT image_a, image_b, similarity, found_by, similarity >= {float(tau)!r} AS is_duplicate, "
+                    "'not_verified' AS verdict, CAST(NULL AS INTEGER) AS inliers, CAST(NULL AS FLOAT) AS overlap, "
+                    "CAST(NULL AS FLOAT) AS changed, CAST(NULL AS BOOLEAN) AS mirrored, "
+                    f"CAST(NULL AS FLOAT[]) AS points_a, CAST(NULL AS FLOAT[]) AS points_b FROM {CANDIDATE_PAIRS}"
+                )
+                con.execute(f"CREATE OR REPLACE TABLE {VERIFIED_PAIRS} AS {src} ORDER BY image_a, image_b")
+            elif chunks:
+                lit = "[" + ", ".join(_sql_str(p.resolve()) for p in chunks) + "]"
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {VERIFIED_PAIRS} AS SELECT * FROM read_parquet({lit}) ORDER BY image_a, image_b"
+                )
+            else:
+                con.execute(f"CREATE OR REPLACE TABLE {VERIFIED_PAIRS} ({_VERIFIED_DDL})")
+        rows = con.execute(
+            f"SELECT verdict, count(*), count(*) FILTER (WHERE is_duplicate) FROM {VERIFIED_PAIRS} GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+    return {
+        "pairs": int(sum(r[1] for r in rows)), "duplicate_edges": int(sum(r[2] for r in rows)),
+        "by_verdict": {str(r[0]): int(r[1]) for r in rows},
+    }
+
+
 def _keeper_order(policy: str, priority_column: str | None) -> str:
     if policy == "resolution":
         return ("coalesce(i.width, 0)::DOUBLE * coalesce(i.height, 0)::DOUBLE DESC, "
@@ -768,7 +862,7 @@ def build_duplicate_groups(
     wh: Warehouse, policy: str = "resolution", priority_column: str | None = None, max_rounds: int = 40,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """duplicate_groups from candidate_pairs by the greedy keeper rule (`dedup.groups.greedy_keepers`),
+    """duplicate_groups from the duplicate edges of verified_pairs by the greedy keeper rule (`dedup.groups.greedy_keepers`),
     in DuckDB: rounds that keep every undecided image with no better-ranked image still in play and
     remove the undecided neighbours of kept images; after `max_rounds` the undecided rest (few) is
     finished by `greedy_keepers` in numpy. Returns counts for the asset's metadata."""
@@ -777,13 +871,17 @@ def build_duplicate_groups(
     order = _keeper_order(policy, priority_column)
     with wh.connect() as con:
         con.execute(
+            "CREATE TEMP TABLE g_pairs AS SELECT image_a, image_b, similarity "
+            f"FROM {VERIFIED_PAIRS} WHERE is_duplicate"
+        )
+        con.execute(
             "CREATE TEMP TABLE g_nodes AS SELECT u.image_id, (row_number() OVER (ORDER BY " + order + ") - 1) AS r "
-            f"FROM (SELECT image_a AS image_id FROM {CANDIDATE_PAIRS} UNION SELECT image_b FROM {CANDIDATE_PAIRS}) u "
+            "FROM (SELECT image_a AS image_id FROM g_pairs UNION SELECT image_b FROM g_pairs) u "
             f"LEFT JOIN {IMAGE_INDEX} i USING (image_id)"
         )
         con.execute(
             "CREATE TEMP TABLE g_e0 AS SELECT greatest(a.r, b.r) AS u, least(a.r, b.r) AS v, p.similarity AS s "
-            f"FROM {CANDIDATE_PAIRS} p JOIN g_nodes a ON a.image_id = p.image_a JOIN g_nodes b ON b.image_id = p.image_b"
+            "FROM g_pairs p JOIN g_nodes a ON a.image_id = p.image_a JOIN g_nodes b ON b.image_id = p.image_b"
         )
         con.execute("CREATE TEMP TABLE g_e AS SELECT u, v FROM g_e0")
         con.execute("CREATE TEMP TABLE g_s AS SELECT r, CAST(0 AS TINYINT) AS st, CAST(NULL AS BIGINT) AS keeper FROM g_nodes")
@@ -846,12 +944,12 @@ def build_duplicate_groups(
         hist = con.execute(
             f"SELECT group_size, count(*) FROM {DUPLICATE_GROUPS} WHERE is_keeper GROUP BY 1 ORDER BY 1"
         ).fetchall()
-        bad = con.execute(  # the invariant: a removed image is a pair ≥ τ with its keeper (checked, not assumed)
-            f"SELECT count(*) FROM {DUPLICATE_GROUPS} d LEFT JOIN {CANDIDATE_PAIRS} p ON "
+        bad = con.execute(  # the invariant: a removed image has a duplicate edge to its keeper (checked, not assumed)
+            f"SELECT count(*) FROM {DUPLICATE_GROUPS} d LEFT JOIN g_pairs p ON "
             "(p.image_a = least(d.image_id, d.group_id) AND p.image_b = greatest(d.image_id, d.group_id)) "
             "WHERE NOT d.is_keeper AND p.image_a IS NULL"
         ).fetchall()[0][0]
-        for t in ("g_nodes", "g_e0", "g_e", "g_s"):
+        for t in ("g_pairs", "g_nodes", "g_e0", "g_e", "g_s"):
             con.execute(f"DROP TABLE IF EXISTS {t}")
     return {
         "rows": int(stats[0]), "groups": int(stats[1]), "largest_group": int(stats[2]),

@@ -55,6 +55,7 @@ from dedup_assets.dedup.kmeans import (
     split_large_clusters,
 )
 from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
+from dedup_assets.dedup.verify import VerifyConfig, verify_candidates
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
 from dedup_assets.tables import (
@@ -62,6 +63,12 @@ from dedup_assets.tables import (
     CorpusFiles,
     Fit,
     build_duplicate_groups,
+    candidate_pair_count,
+    clear_verify_chunks,
+    merge_verified_pairs,
+    read_candidate_chunk,
+    verify_dir,
+    write_verify_chunk,
     embedding_store,
     forget_assignments,
     merge_candidate_pairs,
@@ -70,6 +77,7 @@ from dedup_assets.tables import (
     read_fit,
     record_assigned_partition,
     resolve_threshold,
+    search_threshold,
     write_clusterings,
     write_fit,
 )
@@ -121,8 +129,43 @@ class DedupResource(ConfigurableResource):
         default=2.0, description="Refit anyway once the corpus exceeds this multiple of its size at the last fit."
     )
 
+    verify: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Geometric verification of candidate pairs (verified_pairs): 'auto' = on for the offline "
+        "embedder, off for open_clip and external vectors (no images to read); 'on' needs image files.",
+    )
+    notion: Literal["copy", "near_duplicate"] = Field(
+        default="copy",
+        description="What verification accepts: 'copy' = the same picture after edits; 'near_duplicate' = also "
+        "one layout with other details (a clock at another hour). README 'Verification'.",
+    )
+    verify_margin: float = Field(
+        default=0.1,
+        description="With verification on, candidates are searched at τ minus this (cosine units), so that "
+        "copies the vectors put just below τ reach the verifier.",
+    )
+    verify_pairs_per_step: int = Field(
+        default=20_000, description="Candidate pairs per verification step (the fan-out of verified_pairs)."
+    )
+    verify_cache_mb: int = Field(default=256, description="Memory for cached keypoints per verification step, in MB.")
+
     def tau(self, embedder: EmbedderResource) -> float:
+        """τ of a duplicate edge (resolution in `tables.resolve_threshold`)."""
         return resolve_threshold(self.threshold, embedder)
+
+    def verifying(self, embedder: EmbedderResource) -> bool:
+        if self.verify == "auto":
+            return embedder.kind == "offline"
+        if self.verify == "on" and embedder.kind == "external":
+            raise ValueError("verify='on' needs images; external embeddings have none (use 'auto' or 'off')")
+        return self.verify == "on"
+
+    def search_tau(self, embedder: EmbedderResource) -> float:
+        """The cosine at which candidate_pairs is searched (τ, or τ − verify_margin when verifying)."""
+        return search_threshold(self.tau(embedder), self.verifying(embedder), self.verify_margin)
+
+    def verify_config(self) -> VerifyConfig:
+        return VerifyConfig(notion=self.notion)
 
 
 class ClusteringsConfig(Config):
@@ -344,7 +387,7 @@ def search_bucket(
     t0 = time.perf_counter()
     wh = warehouse.get()
     fit = read_fit(wh)
-    tau = dedup.tau(embedder)
+    tau = dedup.search_tau(embedder)
     if fit is None or bucket < 0:
         return {"bucket": bucket, "vectors": 0, "pairs": 0, "new_pairs": 0, "comparisons": 0, "seconds": 0.0,
                 "mode": "empty"}
@@ -432,7 +475,7 @@ def merge_bucket_pairs(
             "dagster/row_count": rows,
             "mode": "incremental" if modes == {"incremental"} else ("empty" if modes <= {"empty"} else "full"),
             "new_pairs": sum(int(s.get("new_pairs", 0)) for s in searched),
-            "threshold": dedup.tau(embedder),
+            "threshold": dedup.search_tau(embedder),
             "buckets": len(searched),
             "bucket_seconds": MetadataValue.json(bucket_seconds),
             "bucket_vectors": MetadataValue.json([int(s.get("vectors", 0)) for s in sorted(searched, key=lambda s: s["bucket"])]),
@@ -481,7 +524,7 @@ def candidate_pairs_recall(
 ) -> AssetCheckResult:
     wh = warehouse.get()
     store = embedding_store(wh)
-    tau = dedup.tau(embedder)
+    tau = dedup.search_tau(embedder)
     t0 = time.perf_counter()
     qids, q = store.sample(dedup.recall_sample, seed=dedup.seed + 7)
     batches = ((ids, x) for _, ids, x in store.iter_batches(batch_rows=16_384))  # 16k × sample sims in memory
@@ -518,9 +561,123 @@ def candidate_pairs_recall(
     )
 
 
+@op(
+    ins={"after": In(Nothing)},
+    out=DynamicOut(int),
+    description="One dynamic output per chunk of candidate pairs to verify (or one 'off' output when verification is off).",
+)
+def plan_verification(
+    context: OpExecutionContext, dedup: DedupResource, embedder: EmbedderResource, warehouse: WarehouseResource
+):  # noqa: ANN201
+    wh = warehouse.get()
+    clear_verify_chunks(wh)
+    if not dedup.verifying(embedder):
+        context.log.info(f"verification off (verify={dedup.verify!r}, embedder {embedder.kind!r}): pairs ≥ τ are duplicates")
+        yield DynamicOutput(-1, mapping_key="off")
+        return
+    n = candidate_pair_count(wh)
+    chunks = max(1, -(-n // max(1, dedup.verify_pairs_per_step)))
+    context.log.info(f"{n} candidate pairs to verify in {chunks} step(s) ({dedup.notion!r} notion)")
+    for c in range(chunks):
+        yield DynamicOutput(c * 1_000_000 + chunks, mapping_key=f"chunk_{c:05d}")
+
+
+def _verify_load(location: str):  # noqa: ANN202
+    from dedup_assets.ingest.decode import decode_rgb
+    from dedup_assets.ingest.shards import read_location
+
+    return decode_rgb(read_location(location), target_side=2 * VerifyConfig().max_side)
+
+
+@op(
+    tags={"dedup-assets/step": "verify"},
+    description="Geometric verification (SIFT + RANSAC, dedup.verify) of one chunk of candidate pairs.",
+)
+def verify_chunk(
+    context: OpExecutionContext, task: int, dedup: DedupResource, embedder: EmbedderResource,
+    warehouse: WarehouseResource,
+) -> dict:
+    if task < 0:
+        return {"chunk": -1, "pairs": 0, "mode": "off"}
+    chunk, n_chunks = task // 1_000_000, task % 1_000_000
+    wh = warehouse.get()
+    pairs = read_candidate_chunk(wh, chunk, n_chunks)
+    tau = dedup.tau(embedder)
+
+    def progress(st) -> None:  # noqa: ANN001
+        context.log.info(
+            f"chunk {chunk}: {st.pairs}/{pairs.height} pairs verified in {st.seconds:.1f}s "
+            f"({st.pairs / max(st.seconds, 1e-9):.0f} pairs/s; {st.images_decoded} images decoded)"
+        )
+
+    df, st = verify_candidates(pairs, _verify_load, dedup.verify_config(), tau,
+                               cache_bytes=dedup.verify_cache_mb << 20, progress=progress)
+    write_verify_chunk(wh, chunk, df)
+    context.log.info(
+        f"chunk {chunk}: {st.pairs} pairs, {st.accepted} accepted, {st.undecided} undecided, "
+        f"rejected {st.rejected}, {st.seconds:.1f}s, {st.images_decoded} images decoded ({st.cache_hits} cache hits)"
+    )
+    return {"chunk": chunk, "pairs": st.pairs, "accepted": st.accepted, "undecided": st.undecided,
+            "rejected": st.rejected, "seconds": round(st.seconds, 3), "images_decoded": st.images_decoded,
+            "cache_hits": st.cache_hits, "mode": "verified"}
+
+
+@op(description="verified_pairs = the verification steps' verdicts (DuckDB), with its metadata.")
+def merge_verification(
+    context: OpExecutionContext, verified: list[dict], dedup: DedupResource, embedder: EmbedderResource,
+    warehouse: WarehouseResource,
+) -> None:
+    wh = warehouse.get()
+    tau = dedup.tau(embedder)
+    off = any(v.get("mode") == "off" for v in verified)
+    chunks = None if off else sorted(verify_dir(wh).glob("chunk_*.parquet"))
+    counts = merge_verified_pairs(wh, chunks, tau)
+    seconds = sum(float(v.get("seconds", 0.0)) for v in verified)
+    checked = sum(int(v.get("pairs", 0)) for v in verified if v.get("mode") == "verified")
+    rejected: dict[str, int] = {}
+    for v in verified:
+        for k, c in (v.get("rejected") or {}).items():
+            rejected[k] = rejected.get(k, 0) + int(c)
+    preview = wh.query(
+        "SELECT image_a, image_b, similarity, is_duplicate, verdict, inliers, overlap, changed FROM verified_pairs "
+        "ORDER BY is_duplicate, similarity DESC LIMIT 10"
+    )
+    context.add_output_metadata({
+        "dagster/row_count": counts["pairs"],
+        "verification": "off" if off else dedup.notion,
+        "duplicate_edges": counts["duplicate_edges"],
+        "pairs_by_verdict": MetadataValue.json(counts["by_verdict"]),
+        "rejected_by_reason": MetadataValue.json(rejected),
+        "threshold": tau,
+        "search_threshold": dedup.search_tau(embedder),
+        "steps": len(verified),
+        "verify_seconds_sum": round(seconds, 3),
+        "pairs_per_second": round(checked / seconds, 1) if seconds > 0 else None,
+        "ms_per_pair": round(1000 * seconds / checked, 3) if checked else None,
+        "images_decoded": sum(int(v.get("images_decoded", 0)) for v in verified),
+        "preview": markdown_preview(preview),
+    })
+
+
+@graph_asset(
+    group_name=GROUP,
+    ins={"candidate_pairs": AssetIn(dagster_type=Nothing)},
+    kinds={"duckdb", "opencv"},
+    description=(
+        "One row per candidate pair with its verification verdict (accepted, undecided:<why>, "
+        "rejected:<why>, or not_verified) and whether it is a duplicate edge for duplicate_groups: "
+        "local features (SIFT) matched under one similarity transform (RANSAC, mirror-aware), with "
+        "rules on the overlap of the two pictures and, for the 'copy' notion, on their aligned "
+        "content. Fans out as one verify_chunk step per chunk of pairs."
+    ),
+)
+def verified_pairs(candidate_pairs):  # noqa: ANN001, ANN201
+    return merge_verification(plan_verification(after=candidate_pairs).map(verify_chunk).collect())
+
+
 @asset(
     group_name=GROUP,
-    deps=["candidate_pairs", "image_index"],
+    deps=["verified_pairs", "image_index"],
     kinds={"duckdb"},
     description=(
         "One row per image that belongs to a duplicate group of two or more: group_id (the "

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from dedup_assets.dedup.groups import greedy_keepers
-from dedup_assets.tables import build_duplicate_groups
+from dedup_assets.tables import build_duplicate_groups, merge_verified_pairs
 from dedup_assets.warehouse import Warehouse
 
 
@@ -39,6 +39,7 @@ def _warehouse(tmp_path: Path, n: int, pairs: list[tuple[int, int, float]], widt
         {"image_a": a, "image_b": b, "similarity": [s for *_, s in pairs], "found_by": [1] * len(pairs)},
         schema={"image_a": pl.String, "image_b": pl.String, "similarity": pl.Float32, "found_by": pl.UInt8},
     ))
+    merge_verified_pairs(wh, None, tau=0.0)  # no verification: every candidate pair is an edge
     return wh
 
 
