@@ -95,6 +95,21 @@ def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
         assert copy_id in group_of and group_of.get(base_id) == group_of[copy_id], (copy_id, base_id)
     assert groups.group_by("group_id").agg(pl.col("is_keeper").sum())["is_keeper"].to_list() == [1] * groups["group_id"].n_unique()
 
+    # the offline embedder verifies: candidates searched below τ, each with a verdict; a removed
+    # image's edge to its keeper was accepted by the verifier, or undecided and ≥ τ
+    verified = wh.read_table("verified_pairs")
+    cand = wh.read_table("candidate_pairs")
+    assert verified.height == cand.height > 0
+    assert verified["verdict"].str.starts_with("accepted").any()
+    assert not verified["verdict"].is_in(["not_verified"]).any()
+    tau = float(_latest_meta(instance, "verified_pairs")["threshold"])
+    assert float(cand["similarity"].min()) < tau  # the search reached below τ
+    edge = {(a, b): (d, v, s) for a, b, d, v, s in verified.select(
+        "image_a", "image_b", "is_duplicate", "verdict", "similarity").iter_rows()}
+    for r in groups.filter(~pl.col("is_keeper")).iter_rows(named=True):
+        d, v, sim = edge[(min(r["image_id"], r["group_id"]), max(r["image_id"], r["group_id"]))]
+        assert d and (v == "accepted" or (v.startswith("undecided") and sim >= tau)), (r, v, sim)
+
     index = wh.read_table("image_index")
     kept = wh.read_table("filtered_dataset")
     removed = wh.read_table("removed_images")

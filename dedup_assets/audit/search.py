@@ -35,6 +35,8 @@ AUDIT_SCHEMA: dict[str, pl.DataType] = {
     "similarity": pl.Float32,
     "flagged": pl.Boolean,
     "kept_in_filtered": pl.Boolean,
+    # accepted | undecided:<why> | rejected:<why> (dedup.verify) | not_verified
+    "verdict": pl.String,
 }
 
 _NORM_TOLERANCE = 1e-3
@@ -240,8 +242,22 @@ def audit_table(
                 continue
             tid = str(top.ids[g, r])
             sim = float(top.sims[g, r])
-            rows.append((gid, gen_prompts[g], r + 1, tid, sim, sim >= threshold, tid in kept))
+            rows.append((gid, gen_prompts[g], r + 1, tid, sim, sim >= threshold, tid in kept, "not_verified"))
     return pl.DataFrame(rows, schema=AUDIT_SCHEMA, orient="row").sort("generated", "rank")
+
+
+def apply_verdicts(table: pl.DataFrame, verdicts: dict[tuple[str, str], str], threshold: float) -> pl.DataFrame:
+    """The audit table with verification: a (generated, image_id) row with a verdict is flagged when
+    accepted, or when undecided and ≥ threshold; rows without one keep `similarity ≥ threshold`."""
+    v = [verdicts.get((g, t)) for g, t in zip(table["generated"].to_list(), table["image_id"].to_list())]
+    flagged = [
+        (s >= threshold) if d is None else (d == "accepted" or (d.startswith("undecided") and s >= threshold))
+        for d, s in zip(v, table["similarity"].to_list())
+    ]
+    return table.with_columns(
+        pl.Series("flagged", flagged, pl.Boolean),
+        pl.Series("verdict", [d or "not_verified" for d in v], pl.String),
+    )
 
 
 def discover_generated(folder: Path) -> list[tuple[str, Path, str | None]]:

@@ -4,6 +4,7 @@
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 from dagster import (
@@ -18,7 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from dedup_assets.audit.report import audit_markdown, write_audit_html
-from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, StreamedTopK, audit_table, discover_generated
+from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, StreamedTopK, apply_verdicts, audit_table, discover_generated
 from dedup_assets import tables
 from dedup_assets.curate.export import export_shards
 from dedup_assets.curate.reweight import ReweightConfig, cluster_weights, report_from_counts
@@ -47,6 +48,19 @@ class CurateResource(ConfigurableResource):
     )
     audit_batch_rows: int = Field(
         default=65_536, description="Training vectors read from the embedding store per batch of the audit."
+    )
+    audit_verify: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Geometric verification of the audit's neighbours (dedup.verify): 'auto' = on for the offline "
+        "embedder with generated image files; off for generated vectors (no images).",
+    )
+    audit_notion: Literal["copy", "near_duplicate"] = Field(
+        default="near_duplicate",
+        description="What the audit's verification accepts; near_duplicate (the default) also flags one layout with "
+        "other details, since a model that reproduces a training picture's layout has memorised it.",
+    )
+    audit_verify_margin: float = Field(
+        default=0.1, description="With verification, neighbours down to τ minus this (cosine units) are verified."
     )
 
 
@@ -206,10 +220,20 @@ def regurgitation_audit(
         "SELECT image_id FROM filtered_dataset WHERE list_contains($ids, image_id)", {"ids": found}
     )["image_id"].to_list()
     table = audit_table(gen_ids, gen_prompts, top, kept_ids, tau)
-    wh.replace_table("regurgitation_audit", table)
     locs = wh.read_table(
         "image_index", columns=["image_id", "location"], where="list_contains($ids, image_id)", params={"ids": found}
     )
+    verify_note = "off"
+    verifying = curate.audit_verify == "on" or (
+        curate.audit_verify == "auto" and embedder.kind == "offline" and bool(gen_paths)
+    )
+    if verifying and not gen_paths:
+        raise ValueError("audit_verify='on' needs generated image files (--generated), not vectors")
+    if verifying:
+        verdicts, verify_note = _verify_audit(table, gen_paths, dict(zip(locs["image_id"].to_list(),
+                                              locs["location"].to_list())), curate, tau, context.log.info)
+        table = apply_verdicts(table, verdicts, tau)
+    wh.replace_table("regurgitation_audit", table)
     html = write_audit_html(
         table,
         gen_paths,
@@ -228,6 +252,7 @@ def regurgitation_audit(
                 else f"images under {dataset.generated}"),
             "flagged_generated": flagged["generated"].n_unique(),
             "threshold": tau,
+            "verification": verify_note,
             "training_vectors_searched": top.searched,
             "search": MetadataValue.text(
                 f"exact streamed top-{cfg.top_k} on {cfg.device}, {cfg.batch_rows} vectors per batch"
@@ -238,6 +263,35 @@ def regurgitation_audit(
             "html_report": MetadataValue.path(str(html)),
         }
     )
+
+
+def _verify_audit(table: pl.DataFrame, gen_paths: dict, locations: dict, curate: CurateResource, tau: float,
+                  log) -> tuple[dict[tuple[str, str], str], str]:  # noqa: ANN001
+    """Verdicts for the audit rows within audit_verify_margin of τ (generated image vs training image)."""
+    from dedup_assets.dedup.verify import VerifyConfig, verify_candidates
+    from dedup_assets.ingest.decode import decode_rgb
+    from dedup_assets.ingest.shards import read_location
+
+    lo = tau - curate.audit_verify_margin
+    rows = table.filter(pl.col("similarity") >= lo)
+    cfg = VerifyConfig(notion=curate.audit_notion)
+
+    def load(key: str):  # noqa: ANN202
+        kind, _, ref = key.partition(":")
+        data = Path(ref).read_bytes() if kind == "gen" else read_location(ref)
+        return decode_rgb(data, target_side=2 * cfg.max_side)
+
+    pairs = pl.DataFrame({
+        "image_a": rows["generated"], "image_b": rows["image_id"], "similarity": rows["similarity"],
+        "found_by": pl.Series([0] * rows.height, dtype=pl.UInt8),
+        "location_a": [f"gen:{gen_paths[g]}" if g in gen_paths else None for g in rows["generated"].to_list()],
+        "location_b": [f"train:{locations[t]}" if t in locations else None for t in rows["image_id"].to_list()],
+    })
+    df, st = verify_candidates(pairs, load, cfg, tau)
+    log(f"audit verification ({curate.audit_notion}): {st.pairs} pairs ≥ {lo:.3f}, {st.accepted} accepted, "
+        f"{st.undecided} undecided, rejected {st.rejected}, {st.seconds:.1f}s")
+    verdicts = dict(zip(zip(df["image_a"].to_list(), df["image_b"].to_list()), df["verdict"].to_list()))
+    return verdicts, f"{curate.audit_notion}: {st.pairs} pairs ≥ {lo:.3f} verified, {st.accepted} accepted"
 
 
 @asset_check(

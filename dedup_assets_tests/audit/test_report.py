@@ -62,10 +62,10 @@ def test_thumbnail_from_image_bytes_or_path(tmp_path: Path) -> None:
 
 def _audit_frame() -> pl.DataFrame:
     rows = [
-        ("novel.png", None, 1, "s0/t2", 0.41, False, True),
-        ("novel.png", None, 2, "s0/t1", 0.30, False, True),
-        ("copy.png", EVIL, 1, "s0/t0", 0.991, True, False),
-        ("copy.png", EVIL, 2, "s0/missing", 0.35, False, True),
+        ("novel.png", None, 1, "s0/t2", 0.41, False, True, "not_verified"),
+        ("novel.png", None, 2, "s0/t1", 0.30, False, True, "not_verified"),
+        ("copy.png", EVIL, 1, "s0/t0", 0.991, True, False, "accepted"),
+        ("copy.png", EVIL, 2, "s0/missing", 0.35, False, True, "not_verified"),
     ]
     return pl.DataFrame(rows, schema=AUDIT_SCHEMA, orient="row")
 
@@ -126,7 +126,7 @@ def _group_order(page: str) -> list[str]:
 def test_groups_page_marks_keepers_sorts_and_escapes(tmp_path: Path) -> None:
     locations = _files(tmp_path / "train", 9)
     captions = {"s0/t1": EVIL, "s0/t4": "a plain caption"}
-    audit = pl.DataFrame([("gen/copy.png", None, 1, "s0/t5", 0.99, True, True)], schema=AUDIT_SCHEMA, orient="row")
+    audit = pl.DataFrame([("gen/copy.png", None, 1, "s0/t5", 0.99, True, True, "accepted")], schema=AUDIT_SCHEMA, orient="row")
     out = write_groups_review_html(
         _groups(), locations, tmp_path / "groups.html", captions=captions, audit=audit, audit_page="audit.html"
     )
