@@ -55,9 +55,10 @@ class CurateResource(ConfigurableResource):
         "embedder with generated image files; off for generated vectors (no images).",
     )
     audit_notion: Literal["copy", "near_duplicate"] = Field(
-        default="near_duplicate",
-        description="What the audit's verification accepts; near_duplicate (the default) also flags one layout with "
-        "other details, since a model that reproduces a training picture's layout has memorised it.",
+        default="copy",
+        description="What the audit's verification accepts: 'copy' (the default) = the generated image is a training "
+        "picture after edits, so a flag names the picture it reproduces; 'near_duplicate' also flags one layout "
+        "with other details (every clock of a common design).",
     )
     audit_verify_margin: float = Field(
         default=0.1, description="With verification, neighbours down to τ minus this (cosine units) are verified."
