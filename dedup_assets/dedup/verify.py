@@ -10,8 +10,10 @@ on the mirrored image for flips), and rules on what the fitted transform says:
    outside [1/max_scale, max_scale].
 3. `small_overlap`: the part of each picture that the other covers is below `min_overlap` — two
    crops of one photograph that overlap little, or a small crop against its full photograph.
-4. `clustered_matches`: the agreeing matches span less than `min_spread` of the overlap (a shared
-   logo or a common sub-graphic, not the picture).
+4. `clustered_matches`: the agreeing matches span less than `min_spread` of the overlap and the
+   rest of the overlap changed (the content comparison of rule 5, any direction, above
+   `min_changed`): a shared logo or a common sub-graphic, not the picture. An icon on a plain
+   ground matches on the icon only, but the rest is unchanged, so it passes.
 5. `content_differs` (notion `copy` only): after aligning B onto A, compare the two pixel by
    pixel (grayscale, blurred, standardised over the overlap, tolerant of a pixel or two of
    misalignment; B's top and bottom `edge_band` left out, where caption bars go). Edits that
@@ -79,7 +81,9 @@ class VerifyConfig:
     min_inliers: int = 10  # matches that agree with one similarity transform
     max_scale: float = 4.0  # largest accepted scale change between the two
     min_overlap: float = 0.45  # fraction of EACH image covered by the other, after alignment
-    min_spread: float = 0.05  # hull of the agreeing matches / the overlap (in A)
+    min_spread: float = 0.2  # hull of the agreeing matches / the overlap (in A); below it the rest must be unchanged
+    content: str = "intensity"  # content comparison: "intensity" (standardised gray) or "edges" (gradient magnitude)
+    edge_change: float = 0.35  # edges: gradient (fraction of the 95th percentile) that counts as structure
     pixel_change: float = 0.8  # content check: standard deviations outside the other image's local range
     min_changed: float = 0.01  # copy: changed fraction of the compared overlap above which direction counts
     max_changed: float = 0.25  # copy: changed fraction above which the pair is rejected anyway
@@ -255,20 +259,33 @@ def _changed(m: np.ndarray, a: Features, b: Features, cfg: VerifyConfig) -> tupl
     if compared.sum() < 64:
         return 0.0, False  # nothing left to compare outside the edge bands: geometry decides
 
-    def z(x: np.ndarray) -> np.ndarray:
-        x = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 1.0)
-        v = x[valid]
-        return (x - v.mean()) / max(float(v.std()), 8.0)
-
-    za, zb = z(a.gray), z(warped)
     k = np.ones((5, 5), np.uint8)
-    t = cfg.pixel_change
-    out_a = (za < cv2.erode(zb, k) - t) | (za > cv2.dilate(zb, k) + t)
-    out_b = (zb < cv2.erode(za, k) - t) | (zb > cv2.dilate(za, k) + t)
-    ch = compared & (out_a | out_b)
-    frac = float(ch.sum() / compared.sum())
-    signed = (zb - za)[ch]
-    p, q = float(np.clip(signed, 0, None).sum()), float(np.clip(-signed, 0, None).sum())
+    if cfg.content == "edges":
+        def edges(x: np.ndarray) -> np.ndarray:
+            x = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 1.2)
+            g = cv2.magnitude(cv2.Sobel(x, cv2.CV_32F, 1, 0), cv2.Sobel(x, cv2.CV_32F, 0, 1))
+            return g / max(float(np.percentile(g[valid], 95)), 20.0)
+
+        ea, eb = edges(a.gray), edges(warped)
+        t = cfg.edge_change
+        removed = compared & (ea > t) & (cv2.dilate(eb, k) < 0.5 * t)
+        added = compared & (eb > t) & (cv2.dilate(ea, k) < 0.5 * t)
+        p, q = float(added.sum()), float(removed.sum())
+        frac = (p + q) / float(compared.sum())
+    else:
+        def z(x: np.ndarray) -> np.ndarray:
+            x = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 1.0)
+            v = x[valid]
+            return (x - v.mean()) / max(float(v.std()), 8.0)
+
+        za, zb = z(a.gray), z(warped)
+        t = cfg.pixel_change
+        out_a = (za < cv2.erode(zb, k) - t) | (za > cv2.dilate(zb, k) + t)
+        out_b = (zb < cv2.erode(za, k) - t) | (zb > cv2.dilate(za, k) + t)
+        ch = compared & (out_a | out_b)
+        frac = float(ch.sum() / compared.sum())
+        signed = (zb - za)[ch]
+        p, q = float(np.clip(signed, 0, None).sum()), float(np.clip(-signed, 0, None).sum())
     both = p + q > 0 and min(p, q) / (p + q) >= cfg.two_sided
     return frac, frac > cfg.max_changed or (frac > cfg.min_changed and both)
 
@@ -291,10 +308,16 @@ def _try(a: Features, b: Features, cfg: VerifyConfig, mirrored: bool) -> Verdict
                   points_a=ia, points_b=ib)
     if overlap < cfg.min_overlap:
         return Verdict(False, "small_overlap", **common)
+    frac = differs = None
     if spread < cfg.min_spread:
-        return Verdict(False, "clustered_matches", **common)
-    if cfg.notion == "copy":
+        # Matches on a small part only: the same picture if that part is all there is (an icon on a
+        # plain ground, the rest unchanged), a shared logo if the rest of the overlap differs.
         frac, differs = _changed(m, a, b, cfg)
+        if frac > cfg.min_changed:
+            return Verdict(False, "clustered_matches", changed=frac, **common)
+    if cfg.notion == "copy":
+        if frac is None:
+            frac, differs = _changed(m, a, b, cfg)
         if differs:
             return Verdict(False, "content_differs", changed=frac, **common)
         return Verdict(True, None, changed=frac, **common)

@@ -118,3 +118,76 @@ def per_transform_precision_recall(emb: np.ndarray, cs: CopySet, threshold: floa
         tp = int((pred & truth).sum())
         out[key] = (tp / max(int(pred.sum()), 1), tp / max(int(truth.sum()), 1))
     return out
+
+
+# What was fitted on which labelled sets: reports must come from other sets (`check_report_set`).
+# Generator "A" = make_copy_set (PIL bases and edits); "B" = synth.heldout.make_heldout_set.
+FIT_SETS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "offline embedder (weights seeds 1, 3, 5; threshold seed 2)": ("A", (1, 2, 3, 5)),
+    "verifier thresholds (dedup.verify, tuned by hand)": ("A", (11,)),
+}
+
+
+class FitSetError(ValueError):
+    """A report was asked for on a labelled set that something was fitted on."""
+
+
+def check_report_set(generator: str, seed: int) -> None:
+    """Raise FitSetError when (generator, seed) is a set that a weight or threshold was fitted on."""
+    for what, (gen, seeds) in FIT_SETS.items():
+        if gen == generator and int(seed) in seeds:
+            raise FitSetError(f"generator {generator} seed {seed} was used to fit the {what}: report on another seed")
+
+
+def verified_detector(
+    cs: CopySet,
+    emb: np.ndarray,
+    tau: float,
+    margin: float,
+    notion: str = "copy",
+    features: list | None = None,
+) -> dict:
+    """The whole detector on a labelled set: candidates = pairs with cosine ≥ τ − margin, each
+    verified (dedup.verify); a pair is predicted a duplicate when accepted, or undecided and ≥ τ.
+    Returns precision, recall, candidates, per-edit and per-kind recall of (base, copy) pairs, and
+    the verifier's speed. `features` (one per image) may be passed to reuse keypoints."""
+    import time
+
+    from dedup_assets.dedup.verify import VerifyConfig, extract_features, verify_pair
+
+    cfg = VerifyConfig(notion=notion)
+    t0 = time.perf_counter()
+    feats = features if features is not None else [extract_features(im, cfg) for im in cs.images]
+    t_feat = time.perf_counter() - t0
+    n = len(cs.images)
+    sims = emb @ emb.T
+    iu = np.triu_indices(n, 1)
+    s = sims[iu]
+    truth = cs.origin[iu[0]] == cs.origin[iu[1]]
+    cand = np.flatnonzero(s >= tau - margin)
+    pred = np.zeros(truth.size, bool)
+    t1 = time.perf_counter()
+    for k in cand.tolist():
+        v = verify_pair(feats[iu[0][k]], feats[iu[1][k]], cfg)
+        pred[k] = bool(v.accepted) if v.accepted is not None else bool(s[k] >= tau)
+    t_ver = time.perf_counter() - t1
+    tp = int((pred & truth).sum())
+    per_edit: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for k in np.flatnonzero(truth).tolist():
+        a, b = iu[0][k], iu[1][k]
+        if cs.ops[a]:
+            continue  # (base, copy) pairs only
+        key = cs.ops[b][0] if len(cs.ops[b]) == 1 else f"{len(cs.ops[b])} edits"
+        for d, kk in ((per_edit, key), (per_kind, cs.kinds[a])):
+            d[kk][0] += int(pred[k])
+            d[kk][1] += 1
+    return {
+        "notion": notion, "margin": margin, "search_threshold": tau - margin, "candidates": int(cand.size),
+        "candidates_per_image": cand.size / max(n, 1),
+        "precision": tp / max(int(pred.sum()), 1), "recall": tp / max(int(truth.sum()), 1),
+        "per_edit": {k: v[0] / v[1] for k, v in sorted(per_edit.items())},
+        "per_kind": {k: v[0] / v[1] for k, v in sorted(per_kind.items())},
+        "keypoint_images_per_s": n / max(t_feat, 1e-9) if features is None else None,
+        "pairs_per_s": cand.size / max(t_ver, 1e-9), "ms_per_pair": 1000 * t_ver / max(cand.size, 1),
+    }
