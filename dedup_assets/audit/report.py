@@ -105,6 +105,10 @@ img{max-width:160px;display:block}.flag{background:#fde2e2}.keeper{outline:3px s
 word-wrap:break-word}.missing{width:120px;height:90px;background:#eee;font-size:10px}
 .badge{background:#c62828;color:#fff;padding:0 3px;border-radius:3px}.cap{color:#555}
 .group{border-top:1px solid #ddd;padding:4px 0}.controls{position:sticky;top:0;background:#fff;padding:6px 0}
+.matched { position: relative; display: inline-block; }
+.matched svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
+.matched circle { fill: none; stroke: #ff0; stroke-width: 0.006; }
+.verdict { font-size: 11px; color: #555; }
 </style>"""
 
 
@@ -216,6 +220,28 @@ tau.oninput=apply;apply();
 </script>"""
 
 
+def _matched(img_html: str, verdict: tuple[str, int | None, list[float] | None] | None) -> str:
+    """The thumbnail with the verifier's agreeing matches drawn over it (an SVG in image fractions)."""
+    if not verdict or not verdict[2]:
+        return img_html
+    pts = verdict[2]
+    dots = "".join(
+        f"<circle cx='{float(x):.4f}' cy='{float(y):.4f}' r='0.014'/>" for x, y in zip(pts[0::2], pts[1::2])
+    )
+    return (
+        "<span class=matched>" + img_html
+        + "<svg viewBox='0 0 1 1' preserveAspectRatio='none' aria-label='matched keypoints'>" + dots + "</svg></span>"
+    )
+
+
+def _verdict_line(verdict: tuple[str, int | None, list[float] | None] | None) -> str:
+    if not verdict:
+        return ""
+    text, inliers, _ = verdict
+    extra = f", {inliers} matches" if inliers else ""
+    return f"<br><span class=verdict>{_e(text)}{_e(extra)}</span>"
+
+
 def write_groups_review_html(
     groups: pl.DataFrame,
     locations: dict[str, str],
@@ -225,6 +251,7 @@ def write_groups_review_html(
     captions: dict[str, str] | None = None,
     audit: pl.DataFrame | None = None,
     audit_page: str | None = None,
+    verdicts: dict[str, tuple[str, int | None, list[float] | None]] | None = None,
 ) -> Path:
     """Write the duplicate-groups review page to `out` and return it.
 
@@ -232,7 +259,10 @@ def write_groups_review_html(
     `locations`: image_id → location for the thumbnails; `sort`: initial order, "size" (largest
     first) or "similarity" (loosest group first: lowest member similarity to its keeper);
     `captions`: optional image_id → caption shown under each thumbnail; `audit`: optional
-    audit rows whose flagged training images get a badge (linking to `audit_page` if given).
+    audit rows whose flagged training images get a badge (linking to `audit_page` if given);
+    `verdicts`: optional member image_id → (verification verdict of its pair with the keeper,
+    agreeing matches, their x/y in the member as fractions) — the matches are drawn over the
+    member's thumbnail, so a person sees why the pair was accepted.
     The slider's count is approximate: it uses each member's similarity to its keeper, while
     the real pipeline regroups through pairs.
     """
@@ -302,8 +332,9 @@ def write_groups_review_html(
             items.append(
                 f"<div id='{anchor('img', iid)}' class='member{' keeper' if m['is_keeper'] else ''}' "
                 f"data-sim='{m['sim']:.4f}' data-keeper='{1 if m['is_keeper'] else 0}'>"
-                f"{_img(thumbs(iid), iid)}{_e(iid)}{' (keeper)' if m['is_keeper'] else ''}<br>"
-                f"{m['sim']:.3f}{badge}"
+                f"{_matched(_img(thumbs(iid), iid), verdicts.get(iid) if verdicts else None)}"
+                f"{_e(iid)}{' (keeper)' if m['is_keeper'] else ''}<br>"
+                f"{m['sim']:.3f}{badge}{_verdict_line(verdicts.get(iid) if verdicts else None)}"
                 f"{'<br><span class=cap>' + _e(_short(cap)) + '</span>' if cap else ''}</div>"
             )
         # Members beyond the shown ones still count towards the slider's totals.

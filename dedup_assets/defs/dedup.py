@@ -749,4 +749,11 @@ def _write_review(wh: Warehouse, warehouse: WarehouseResource) -> Path | None:
         "SELECT i.image_id, i.location FROM image_index i JOIN duplicate_groups g USING (image_id)"
     ).join(groups.select("image_id"), on="image_id", how="semi")
     locations = dict(zip(locs["image_id"].to_list(), locs["location"].to_list()))
-    return write_groups_review_html(groups, locations, warehouse.directory / "duplicate_groups.html")
+    edges = wh.query(  # each shown member's pair with its keeper, as verified
+        "SELECT d.image_id, v.verdict, v.inliers, CASE WHEN v.image_a = d.image_id THEN v.points_a ELSE v.points_b END AS pts "
+        "FROM duplicate_groups d JOIN verified_pairs v ON v.image_a = least(d.image_id, d.group_id) "
+        "AND v.image_b = greatest(d.image_id, d.group_id) WHERE NOT d.is_keeper"
+    ).join(groups.select("image_id"), on="image_id", how="semi")
+    verdicts = {i: (v, n, p) for i, v, n, p in edges.iter_rows()}
+    return write_groups_review_html(groups, locations, warehouse.directory / "duplicate_groups.html",
+                                    verdicts=verdicts)

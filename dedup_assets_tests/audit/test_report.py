@@ -149,6 +149,21 @@ def test_groups_page_marks_keepers_sorts_and_escapes(tmp_path: Path) -> None:
     assert _group_order(by_sim.read_text(encoding="utf-8")) == ["g-big", "&lt;g&amp;mid&gt;"]  # loosest first, capped
 
 
+def test_groups_page_draws_the_matches_that_verified_a_pair(tmp_path: Path) -> None:
+    locations = _files(tmp_path / "train", 9)
+    groups = _groups()
+    member = groups.filter(~pl.col("is_keeper"))["image_id"][0]
+    pts = [0.1, 0.2, 0.5, 0.5, 0.9, 0.75]
+    out = write_groups_review_html(groups, locations, tmp_path / "g.html",
+                                   verdicts={member: ("accepted", 3, pts), "s0/none": ("<b>x</b>", None, None)})
+    page = out.read_text(encoding="utf-8")
+    block = page[page.index(f"id='{anchor('img', member)}'"):]
+    block = block[: block.index("</div>")]
+    assert "<svg viewBox='0 0 1 1'" in block and block.count("<circle") == 3
+    assert "cx='0.5000' cy='0.5000'" in block and "accepted, 3 matches" in block
+    assert page.count("<svg") == 1  # only the member with points
+
+
 def test_groups_page_rejects_unknown_sort(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sort must be"):
         write_groups_review_html(_groups(), {}, tmp_path / "x.html", sort="random")  # type: ignore[arg-type]
