@@ -39,6 +39,7 @@ __all__ = [
     "VectorFiles",
     "bucket_pair_chunks",
     "choose_n_buckets",
+    "fit_bucket_count",
     "plan_buckets",
     "route",
     "search_bucket",
@@ -119,6 +120,46 @@ def plan_buckets(
             filled[cand] += load[k]
         out.append(bucket)
     return out
+
+
+def fit_bucket_count(
+    centroids: Sequence[np.ndarray],
+    loads: Sequence[np.ndarray],
+    sample_labels: Sequence,
+    n: int,
+    n_buckets: int,
+    rows_per_bucket: int,
+    seed: int = 0,
+    slack: float = 1.25,
+    max_buckets: int = 1024,
+    log: Callable[[str], None] | None = None,
+) -> tuple[int, list[np.ndarray]]:
+    """(bucket count, plan) such that the largest bucket is expected to hold ≤ slack × rows_per_bucket
+    of the n vectors.
+
+    A vector is written to every bucket that holds one of its clusters (1.5–2.5 copies) and buckets
+    differ in size, so ⌈n / rows_per_bucket⌉ buckets come out several times too big. The sample's
+    labels (as `route` takes them, e.g. from `kmeans.probe_many` on the last fit sample) are routed
+    through the plan and scaled to n; buckets are added until the largest fits (≤ 4 re-plans). A
+    bucket step reads its vectors per cluster from memory-mapped files; beyond the page cache a
+    memory cap turns those reads into disk thrash (seen at 4M: 937k-vector buckets, 13× slower)."""
+    nb = int(n_buckets)
+    plan = plan_buckets(centroids, loads, nb, seed=seed)
+    limit = min(int(max_buckets), int(centroids[0].shape[0]) if centroids else 1)
+    m = int(np.asarray(sample_labels[0][0] if isinstance(sample_labels[0], tuple) else sample_labels[0]).shape[0]) if sample_labels else 0
+    if m == 0:
+        return nb, plan
+    for _ in range(4):
+        largest = max((r.rows.size for r in route(sample_labels, plan).values()), default=0) * n / m
+        want = int(np.ceil(nb * largest / (slack * rows_per_bucket)))
+        if largest <= slack * rows_per_bucket or want <= nb or nb >= limit:
+            break
+        new = min(want, limit)
+        if log is not None:
+            log(f"buckets: the largest of {nb} would hold ~{largest:,.0f} vectors; planning {new}")
+        nb = new
+        plan = plan_buckets(centroids, loads, nb, seed=seed)
+    return nb, plan
 
 
 @dataclass

@@ -43,7 +43,14 @@ from dagster import (
 )
 from pydantic import Field
 
-from dedup_assets.dedup.buckets import BucketStats, bucket_pair_chunks, choose_n_buckets, plan_buckets, route
+from dedup_assets.dedup.buckets import (
+    BucketStats,
+    bucket_pair_chunks,
+    choose_n_buckets,
+    fit_bucket_count,
+    plan_buckets,
+    route,
+)
 from dedup_assets.dedup.incremental import needs_refit
 from dedup_assets.dedup.kernels import describe_backend
 from dedup_assets.dedup.kmeans import (
@@ -199,6 +206,11 @@ def _fit(store, n: int, model: str, dedup: DedupResource, log) -> tuple[Fit, lis
         log(f"clustering {c}: K={cc.shape[0]} ({cc.shape[0] - k_fit} from splitting large clusters) fitted on {sample.shape[0]} sampled vectors of {n} in {time.perf_counter() - t1:.1f}s")
     nb = dedup.n_buckets or choose_n_buckets(n, cents[0].shape[0], dedup.rows_per_bucket)
     buckets = plan_buckets(cents, loads, nb, seed=dedup.seed)
+    if not dedup.n_buckets:  # size the buckets by routing the last fit sample (buckets.fit_bucket_count)
+        labels = probe_many(sample, cents, max(2, dedup.probes), dedup.probe_margin, device=dedup.device,
+                            second_margin=dedup.soft_margin) if dedup.soft else assign_many(
+                                sample, cents, soft=False, device=dedup.device)
+        nb, buckets = fit_bucket_count(cents, loads, labels, n, nb, dedup.rows_per_bucket, seed=dedup.seed, log=log)
     fit = Fit(
         fit_id=uuid.uuid4().hex[:12], model=model, n_at_fit=n, subset_size=int(subset),
         n_buckets=int(max(1, min(nb, cents[0].shape[0]))), soft=dedup.soft,

@@ -157,3 +157,23 @@ def test_spilled_pairs_equal_the_in_memory_union(tmp_path) -> None:
     assert total == again.height == got.height  # same pairs: old s0–s0 rows kept, the rest recomputed
     assert n_new == got.filter((pl.col("shard_a") == "s1") | (pl.col("shard_b") == "s1")).height
     assert set(again.select("image_a", "image_b").iter_rows()) == set(want)
+
+
+def test_bucket_count_is_raised_until_the_largest_expected_bucket_fits() -> None:
+    from dedup_assets.dedup.buckets import fit_bucket_count
+    from dedup_assets.dedup.kmeans import probe_many
+
+    x, _ = make_embeddings(n=6000, d=32, seed=2)
+    cents, loads = _fit(x, k=64, n_clusterings=5)
+    sample = x[np.random.default_rng(0).choice(x.shape[0], 2000, replace=False)]
+    labels = probe_many(sample, cents, 2, 0.02, device="cpu", second_margin=0.1)
+    rows_per_bucket = 1000
+    start = choose_n_buckets(x.shape[0], 64, rows_per_bucket)  # 6: ignores the copies per vector
+    logged: list[str] = []
+    nb, plan = fit_bucket_count(cents, loads, labels, x.shape[0], start, rows_per_bucket, log=logged.append)
+    assert nb > start and logged
+    routed = route(probe_many(x, cents, 2, 0.02, device="cpu", second_margin=0.1), plan)
+    sizes = sorted(r.rows.size for r in routed.values())
+    assert sizes[-1] <= 1.6 * rows_per_bucket, sizes  # all vectors, not the sample: within the slack and noise
+    # with a large enough rule nothing changes
+    assert fit_bucket_count(cents, loads, labels, x.shape[0], 2, 10**6)[0] == 2
