@@ -83,9 +83,17 @@ def _external_partitions(args: argparse.Namespace) -> list[str] | str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dedup_assets.settings import OPTIONAL_ENV, Settings
+    from dedup_assets.settings import ENV_EMBEDDINGS, ENV_SOURCE, OPTIONAL_ENV, Settings, configured, write_settings_file
 
+    if not getattr(args, "source", None) and not getattr(args, "embeddings", None):
+        # neither flag: the configured source (environment, then the settings file)
+        args.embeddings = configured(ENV_EMBEDDINGS)
+        args.source = None if args.embeddings else configured(ENV_SOURCE)
     external = bool(getattr(args, "embeddings", None))  # bring-your-own embeddings instead of shards
+    if not external and not args.generated:  # the configured generated folder goes with image shards only
+        from dedup_assets.settings import ENV_GENERATED
+
+        args.generated = configured(ENV_GENERATED)
     if not external and not args.source:
         _print("error: give --source DIR (shards of images) or --embeddings DIR (clip-retrieval vectors)")
         return 2
@@ -120,6 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     home = _dagster_home(args.dagster_home, Path(settings.warehouse))
     os.environ["DAGSTER_HOME"] = str(home)
+    written = write_settings_file(settings)  # the UI (dagster dev) and later runs see this run's settings
+    _print(f"settings written to {written} (read by `dagster dev` and by later runs; flags and env override)")
     for name in OPTIONAL_ENV:  # a setting this run leaves unset must not leak in from the environment
         os.environ.pop(name, None)
     os.environ.update(settings.to_env())
@@ -389,31 +399,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dedup_assets.settings import DEFAULT_WAREHOUSE, ENV_SOURCE
+    from dedup_assets.settings import Settings
+
+    try:  # every default comes from one settings object: environment over the settings file
+        d = Settings.from_env()
+    except ValueError as e:
+        _print(f"warning: ignoring the settings file and environment: {e}")
+        d = Settings()
 
     p = argparse.ArgumentParser(prog="dedup-assets", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="index, filter, embed, dedup, reweight and audit a dataset")
-    r.add_argument("--source", default=os.environ.get(ENV_SOURCE),
-                   help=f"dataset root with one folder or .tar per shard (env {ENV_SOURCE})")
+    r.add_argument("--source", default=None,
+                   help="dataset root with one folder or .tar per shard (default: DEDUP_ASSETS_SOURCE or the settings file)")
     r.add_argument("--embeddings", default=None, metavar="DIR",
                    help="bring your own embeddings instead of --source: clip-retrieval layout "
                         "img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet (needs --threshold)")
-    r.add_argument("--model-id", default="external",
+    r.add_argument("--model-id", default=d.model_id,
                    help="model id recorded with --embeddings vectors (default 'external')")
-    r.add_argument("--threshold", type=float, default=None,
+    r.add_argument("--threshold", type=float, default=d.threshold,
                    help="near-copy cosine τ of dedup and audit (any embedder; required with --embeddings)")
     r.add_argument("--generated-embeddings", default=None, metavar="DIR",
                    help="vectors of generated images (same layout as --embeddings) to audit instead of --generated")
-    r.add_argument("--warehouse", default=os.environ.get("DEDUP_ASSETS_WAREHOUSE", DEFAULT_WAREHOUSE))
-    r.add_argument("--generated", default=os.environ.get("DEDUP_ASSETS_GENERATED"),
+    r.add_argument("--warehouse", default=d.warehouse)
+    r.add_argument("--generated", default=None,
                    help="folder of model-generated images to audit")
-    r.add_argument("--embedder", choices=["offline", "openclip"], default="offline")
-    r.add_argument("--model", default="ViT-B-32", help="open_clip model name")
-    r.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
-    r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    r.add_argument("--min-side", type=int, default=400, help="pre-filter minimum side in px (default 400)")
+    r.add_argument("--embedder", choices=["offline", "openclip"], default=d.embedder)
+    r.add_argument("--model", default=d.model, help="open_clip model name")
+    r.add_argument("--pretrained", default=d.pretrained, help="open_clip pretrained tag or local checkpoint path")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
+    r.add_argument("--min-side", type=int, default=d.min_side,
+                   help=f"pre-filter minimum side in px (default {d.min_side}: DEDUP_ASSETS_MIN_SIDE, the settings file, or 400)")
     r.add_argument("--dagster-home", default=None)
     r.add_argument("--force", action="store_true",
                    help="redo every shard, also those unchanged since their last successful run")

@@ -1,7 +1,13 @@
-"""Settings read from the environment, shared by the Dagster definitions and the CLI.
+"""Settings read from the environment and the settings file, shared by the Dagster definitions
+and the CLI.
 
 Every setting has one environment variable (documented in the README) so that `dagster dev`,
-the sensor-launched runs and `dedup-assets run` see the same dataset and warehouse.
+the sensor-launched runs and `dedup-assets run` see the same dataset and warehouse. Every
+`dedup-assets run` (and so `dedup-assets demo`) writes the settings it ran with to the settings
+file, `$DAGSTER_HOME/dedup_assets.env` (or `./dedup_assets.env` without DAGSTER_HOME, or the path
+in `DEDUP_ASSETS_SETTINGS`); `Settings.from_env` reads it under the environment. So the UI that
+`make dev` starts after `make demo` materializes with the demo's folders and minimum side.
+Precedence: command-line flag > environment variable > settings file > built-in default.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ ENV_THRESHOLD = "DEDUP_ASSETS_THRESHOLD"
 ENV_GENERATED_EMBEDDINGS = "DEDUP_ASSETS_GENERATED_EMBEDDINGS"
 ENV_DISCOVERY_CRON = "DEDUP_ASSETS_DISCOVERY_CRON"
 ENV_CORPUS_CRON = "DEDUP_ASSETS_CORPUS_CRON"
+ENV_SETTINGS = "DEDUP_ASSETS_SETTINGS"
+SETTINGS_FILE = "dedup_assets.env"
 
 # Settings that may be unset (to_env omits them then)
 OPTIONAL_ENV = (ENV_GENERATED, ENV_PRETRAINED, ENV_EMBEDDINGS, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS)
@@ -32,8 +40,73 @@ DEFAULT_SOURCE = "data/sample"
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 
 
+ALL_ENV = (ENV_SOURCE, ENV_WAREHOUSE, ENV_GENERATED, ENV_EMBEDDER, ENV_MODEL, ENV_PRETRAINED, ENV_DEVICE,
+           ENV_MIN_SIDE, ENV_EMBEDDINGS, ENV_MODEL_ID, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS,
+           ENV_DISCOVERY_CRON, ENV_CORPUS_CRON)
+
+
+def settings_file() -> Path:
+    """Where the settings file is read and written (module docstring)."""
+    explicit = os.environ.get(ENV_SETTINGS)
+    if explicit:
+        return Path(explicit)
+    home = os.environ.get("DAGSTER_HOME")
+    return (Path(home) if home else Path.cwd()) / SETTINGS_FILE
+
+
+def read_settings_file(path: Path | None = None) -> dict[str, str]:
+    """KEY=VALUE lines of the settings file ('#' comments, blank lines); {} when it does not exist.
+    A line that is not a DEDUP_ASSETS_* setting raises ValueError naming the file and line."""
+    path = settings_file() if path is None else Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    out: dict[str, str] = {}
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or key not in ALL_ENV:
+            raise ValueError(f"{path}:{no}: expected one of {', '.join(ALL_ENV)} as KEY=VALUE, got {raw!r}")
+        out[key] = value.strip()
+    return out
+
+
+def write_settings_file(settings: "Settings", path: Path | None = None) -> Path:
+    """Write the settings that reproduce `settings` (atomically) and return the path."""
+    path = settings_file() if path is None else Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = settings.to_env()
+    env[ENV_DISCOVERY_CRON], env[ENV_CORPUS_CRON] = settings.discovery_cron, settings.corpus_cron
+    lines = ["# dedup-assets settings, written by `dedup-assets run`; read by `dagster dev` (the UI) and the CLI.",
+             "# Environment variables override these lines; command-line flags override both."]
+    lines += [f"{k}={v}" for k, v in sorted(env.items())]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+_FILE: dict[str, str] | None = None
+
+
+def configured(name: str) -> str | None:
+    """A setting's value from the environment, else the settings file, else None."""
+    value = os.environ.get(name)
+    if value not in (None, ""):
+        return value
+    value = read_settings_file().get(name)
+    return value if value not in (None, "") else None
+
+
 def _env(name: str, default: str | None) -> str | None:
     value = os.environ.get(name)
+    if value not in (None, ""):
+        return value
+    value = (_FILE or {}).get(name)
     return value if value not in (None, "") else default
 
 
@@ -75,7 +148,17 @@ class Settings:
             raise ValueError("model_id must not be empty")
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls, use_file: bool = True) -> "Settings":
+        """The settings from the environment over the settings file (use_file=False: environment only)."""
+        global _FILE
+        _FILE = read_settings_file() if use_file else {}
+        try:
+            return cls._from_env()
+        finally:
+            _FILE = None
+
+    @classmethod
+    def _from_env(cls) -> "Settings":
         return cls(
             source=_env(ENV_SOURCE, DEFAULT_SOURCE) or DEFAULT_SOURCE,
             warehouse=_env(ENV_WAREHOUSE, DEFAULT_WAREHOUSE) or DEFAULT_WAREHOUSE,

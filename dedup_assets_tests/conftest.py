@@ -13,6 +13,22 @@ from dagster import DagsterInstance
 from PIL import Image
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_settings_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test reads or writes a real settings file (dedup_assets.settings): a run in a test would
+    otherwise write the repository's `dedup_assets.env` and change the defaults of later tests."""
+    import os
+
+    path = tmp_path_factory.mktemp("settings") / "dedup_assets.env"
+    old = os.environ.get("DEDUP_ASSETS_SETTINGS")
+    os.environ["DEDUP_ASSETS_SETTINGS"] = str(path)
+    yield
+    if old is None:
+        os.environ.pop("DEDUP_ASSETS_SETTINGS", None)
+    else:
+        os.environ["DEDUP_ASSETS_SETTINGS"] = old
+
+
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)

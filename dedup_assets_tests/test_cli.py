@@ -46,6 +46,9 @@ def test_run_end_to_end_through_the_console_script(small_dataset: SmallDataset, 
     with DagsterInstance.from_config(str(home)) as inst:
         assert sorted(inst.get_dynamic_partitions("shards")) == ["s0", "s1"]
         assert len(inst.get_run_records()) == 3
+    # the settings file for the UI: this run's folders and minimum side
+    written = (home / "dedup_assets.env").read_text()
+    assert f"DEDUP_ASSETS_GENERATED={small_dataset.generated.resolve()}" in written and "DEDUP_ASSETS_MIN_SIDE=64" in written
 
 
 def test_run_fails_clearly_on_a_missing_source(tmp_path: Path) -> None:
@@ -149,3 +152,37 @@ def test_run_with_own_embeddings_names_the_bad_file(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "img_emb_0.npy has 4 rows but" in proc.stdout and "metadata_0.parquet has 5" in proc.stdout
+
+
+def test_one_settings_object_for_cli_and_ui(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Precedence flag > environment > settings file > default; the definitions read the same file."""
+    from dedup_assets.cli import build_parser
+    from dedup_assets.definitions import build_definitions
+    from dedup_assets.settings import Settings, read_settings_file, settings_file, write_settings_file
+
+    for k in list(os.environ):
+        if k.startswith("DEDUP_ASSETS_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    assert settings_file() == tmp_path / "dedup_assets.env"  # without DEDUP_ASSETS_SETTINGS: in DAGSTER_HOME
+    demo = Settings(source=str(tmp_path / "src"), warehouse=str(tmp_path / "w.duckdb"),
+                    generated=str(tmp_path / "gen"), min_side=128)
+    write_settings_file(demo)
+    assert read_settings_file()["DEDUP_ASSETS_MIN_SIDE"] == "128"
+    assert Settings.from_env() == demo  # what `dagster dev` builds its resources from
+    res = build_definitions().resources
+    assert res["prefilters"].min_side == 128 and res["dataset"].generated == str(tmp_path / "gen")
+    args = build_parser().parse_args(["run"])
+    assert args.min_side == 128 and args.embedder == "offline"
+    monkeypatch.setenv("DEDUP_ASSETS_EMBEDDER", "openclip")  # the environment overrides the file
+    monkeypatch.setenv("DEDUP_ASSETS_MIN_SIDE", "300")
+    args = build_parser().parse_args(["run"])
+    assert args.embedder == "openclip" and args.min_side == 300
+    assert build_parser().parse_args(["run", "--min-side", "50"]).min_side == 50  # the flag overrides both
+    (tmp_path / "dedup_assets.env").write_text("NOT_A_SETTING=1\n")
+    try:
+        Settings.from_env()
+    except ValueError as e:
+        assert "dedup_assets.env:1" in str(e)
+    else:
+        raise AssertionError("a bad settings line must be refused")
