@@ -1152,3 +1152,105 @@ def iter_filtered_dataset(wh: Warehouse, columns: Sequence[str] = tuple(KEPT_SCH
         with wh.connect() as con:
             frame = con.sql(f"SELECT {cols} FROM {FILTERED_DATASET} WHERE shard = ? ORDER BY image_id", params=[shard]).pl()
         yield frame
+
+
+# ------------------------------------------------------------------ column schemas for the catalog
+# One description per column of every asset's table: `column_schema(table)` turns them, with the
+# table's polars schema, into the `dagster/column_schema` metadata the UI shows on each asset.
+COLUMN_DOCS: dict[str, dict[str, str]] = {
+    IMAGE_INDEX: {
+        "image_id": "<shard>/<key>, unique", "shard": "partition key", "key": "file stem (escaped)",
+        "location": "path, or <tar>::<header offset>/<member>", "caption": "sidecar .txt or metadata caption",
+        "url": "from the sidecar .json or metadata", "metadata": "other sidecar/metadata fields, JSON",
+        "bytes": "file size", "sha256": "of the file bytes (null when not read)", "format": "decoder's format",
+        "width": "px after EXIF orientation", "height": "px after EXIF orientation", "mode": "PIL mode",
+        "status": "ok, or why the file gives no image (README 'Input')", "error": "decoder message, sidecar notes",
+    },
+    "prefilter": {
+        "image_id": "image_index.image_id", "shard": "partition key", "passed": "passed every filter",
+        "reasons": "every filter that failed (list)", "caption_clean": "caption after mojibake repair",
+        "profanity": "profanity probability", "language": "detected language", "language_confidence": "0–1",
+        "nsfw": "NSFW score (null when not scored)",
+    },
+    EMBEDDINGS: {
+        "image_id": "image_index.image_id", "shard": "partition key", "embedding": "L2-normalized vector FLOAT[d]",
+        "model": "model id that produced it",
+    },
+    CLUSTERINGS: {
+        "image_id": "image_index.image_id", "shard": "partition key", "clustering": "0..C-1 (each fitted on its own sample)",
+        "cluster": "nearest centroid", "cluster2": "second-nearest within soft_margin (null without)",
+    },
+    CANDIDATE_PAIRS: {
+        "image_a": "image_id, image_a < image_b", "image_b": "image_id", "similarity": "cosine of the two vectors",
+        "found_by": "bitmask of the clusterings whose shared cluster found the pair",
+    },
+    VERIFIED_PAIRS: {
+        "image_a": "image_id, image_a < image_b", "image_b": "image_id", "similarity": "cosine of the two vectors",
+        "found_by": "bitmask of clusterings", "is_duplicate": "an edge of duplicate_groups",
+        "verdict": "accepted | undecided:<why> | rejected:<why> | not_verified",
+        "inliers": "local-feature matches agreeing with one transform", "overlap": "min covered fraction of the two images",
+        "changed": "changed fraction of the aligned overlap (copy notion)", "mirrored": "matched against the mirror image",
+        "points_a": "agreeing matches in image_a, x/y as fractions", "points_b": "the same in image_b",
+    },
+    DUPLICATE_GROUPS: {
+        "image_id": "member", "group_id": "the keeper's image_id", "is_keeper": "kept (one per group)",
+        "similarity_to_keeper": "cosine to the keeper (1 for the keeper)", "group_size": "members incl. keeper",
+        "group_min_similarity": "lowest member similarity to the keeper",
+        "group_diameter": "1 − similarity for pairs, else the bound 2 − 2·m²",
+    },
+    FILTERED_DATASET: {
+        "image_id": "kept image", "shard": "partition key", "key": "file stem", "location": "where to read it",
+        "caption": "cleaned caption", "width": "px", "height": "px",
+        "weight": "loss weight restoring the pre-filter cluster distribution (mean 1)",
+    },
+    "regurgitation_audit": {
+        "generated": "generated image (path under the generated folder) or vector key", "prompt": "its prompt sidecar",
+        "rank": "1 = nearest training image", "image_id": "training image", "similarity": "cosine",
+        "flagged": "a near-copy (≥ τ, or verified)", "kept_in_filtered": "the training image is in filtered_dataset",
+        "verdict": "verification verdict, as in verified_pairs",
+    },
+}
+
+
+def column_schema(table: str, schema: dict | None = None):  # noqa: ANN201 - dagster TableSchema
+    """`dagster.TableSchema` of one of our tables: column names and types from `schema` (a polars
+    schema; default the table's own) and the descriptions of COLUMN_DOCS."""
+    from dagster import TableColumn, TableSchema
+
+    docs = COLUMN_DOCS.get(table, {})
+    if schema is None:
+        schema = _SCHEMAS[table]()
+    return TableSchema(columns=[
+        TableColumn(name=name, type=str(dtype), description=docs.get(name)) for name, dtype in schema.items()
+    ])
+
+
+def _prefilter_schema() -> dict:
+    from dedup_assets.filters.run import PREFILTER_SCHEMA
+
+    return PREFILTER_SCHEMA
+
+
+def _groups_schema() -> dict:
+    from dedup_assets.dedup.groups import GROUP_SCHEMA
+
+    return GROUP_SCHEMA
+
+
+def _audit_schema() -> dict:
+    from dedup_assets.audit.search import AUDIT_SCHEMA
+
+    return AUDIT_SCHEMA
+
+
+_SCHEMAS: dict[str, Callable[[], dict]] = {
+    IMAGE_INDEX: lambda: IMAGE_INDEX_SCHEMA,
+    "prefilter": _prefilter_schema,
+    EMBEDDINGS: lambda: {"image_id": pl.String, "shard": pl.String, "embedding": "FLOAT[d]", "model": pl.String},
+    CLUSTERINGS: lambda: CLUSTERINGS_SCHEMA,
+    CANDIDATE_PAIRS: lambda: PAIRS_SCHEMA,
+    VERIFIED_PAIRS: lambda: VERIFIED_SCHEMA,
+    DUPLICATE_GROUPS: _groups_schema,
+    FILTERED_DATASET: lambda: KEPT_SCHEMA,
+    "regurgitation_audit": _audit_schema,
+}

@@ -136,6 +136,17 @@ def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
     assert "candidate_pairs_recall" in checks
     assert (Path(settings.warehouse).parent / "wh_files" / "filtered_dataset.parquet").exists()
 
+    # the catalog's column schema of every asset is the table's real columns, each described
+    from dedup_assets.definitions import build_definitions
+    from dedup_assets.warehouse import table_columns
+
+    graph = build_definitions(settings).resolve_asset_graph()
+    with wh.connect() as con:
+        for key in graph.get_all_asset_keys():
+            schema = graph.get(key).metadata["dagster/column_schema"]
+            assert [c.name for c in schema.columns] == table_columns(con, key.to_user_string()), key
+            assert all(c.description for c in schema.columns), key
+
 
 def test_changing_the_embedder_fails_instead_of_mixing_models(
     small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance

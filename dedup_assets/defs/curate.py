@@ -72,6 +72,7 @@ def _table_or_none(wh, table: str) -> pl.DataFrame | None:
 
 @asset(
     group_name=GROUP,
+    metadata={"dagster/column_schema": tables.column_schema("filtered_dataset")},
     deps=["image_index", "prefilter", "embeddings", "clusterings", "duplicate_groups"],
     kinds={"duckdb", "parquet"},
     description=(
@@ -136,6 +137,7 @@ def filtered_dataset_accounting(warehouse: WarehouseResource) -> AssetCheckResul
 
 @asset(
     group_name=GROUP,
+    metadata={"dagster/column_schema": tables.column_schema("regurgitation_audit")},
     deps=["embeddings", "filtered_dataset"],
     pool="gpu",
     kinds={"duckdb", "parquet"},

@@ -72,6 +72,7 @@ from dedup_assets.tables import (
     build_duplicate_groups,
     candidate_pair_count,
     clear_verify_chunks,
+    column_schema,
     merge_verified_pairs,
     read_candidate_chunk,
     verify_dir,
@@ -221,6 +222,7 @@ def _fit(store, n: int, model: str, dedup: DedupResource, log) -> tuple[Fit, lis
 
 @asset(
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("clusterings")},
     deps=["embeddings"],
     pool="gpu",
     kinds={"duckdb", "faiss"},
@@ -507,6 +509,7 @@ def merge_bucket_pairs(
 
 @graph_asset(
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("candidate_pairs")},
     ins={"clusterings": AssetIn(dagster_type=Nothing)},
     kinds={"duckdb", "numpy"},
     description=(
@@ -674,6 +677,7 @@ def merge_verification(
 
 @graph_asset(
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("verified_pairs")},
     ins={"candidate_pairs": AssetIn(dagster_type=Nothing)},
     kinds={"duckdb", "opencv"},
     description=(
@@ -690,6 +694,7 @@ def verified_pairs(candidate_pairs):  # noqa: ANN001, ANN201
 
 @asset(
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("duplicate_groups")},
     deps=["verified_pairs", "image_index"],
     kinds={"duckdb"},
     description=(

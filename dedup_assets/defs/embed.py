@@ -27,6 +27,7 @@ from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, iter_ok_vectors, open_vectors
 from dedup_assets.ingest.shards import ReadLimits, Shard, find_shard, iter_shard
 from dedup_assets.tables import (
+    column_schema,
     delete_embeddings,
     embedding_store,
     ensure_embeddings,
@@ -53,6 +54,7 @@ def _ok_records(shard: Shard, ok_ids: set[str], limits: ReadLimits) -> Iterator[
     partitions_def=shards_partitions,
     backfill_policy=SHARD_BACKFILL_POLICY,
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("embeddings")},
     deps=["image_index"],
     pool="gpu",
     kinds={"parquet", "pytorch"},

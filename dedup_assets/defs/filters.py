@@ -15,7 +15,7 @@ from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
 from dedup_assets.ingest.decode import decode_rgb
 from dedup_assets.ingest.shards import read_location
-from dedup_assets.tables import read_image_index
+from dedup_assets.tables import column_schema, read_image_index
 
 GROUP = "filters"
 
@@ -53,6 +53,7 @@ def _load_image(location: str) -> Image.Image:
     partitions_def=shards_partitions,
     backfill_policy=SHARD_BACKFILL_POLICY,
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("prefilter")},
     deps=["image_index"],
     pool="gpu",
     kinds={"duckdb", "python"},

@@ -31,7 +31,7 @@ from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_pa
 from dedup_assets.ingest.clip_retrieval import index_frame as clip_index_frame
 from dedup_assets.ingest.index import index_shard, skipped_frame, summarize_index
 from dedup_assets.ingest.shards import RejectedShard, Skipped, discover_shards, escape, find_shard
-from dedup_assets.tables import write_image_index, write_skipped_entries
+from dedup_assets.tables import column_schema, write_image_index, write_skipped_entries
 from dedup_assets.warehouse import Warehouse
 
 GROUP = "ingest"
@@ -41,6 +41,7 @@ GROUP = "ingest"
     partitions_def=shards_partitions,
     backfill_policy=SHARD_BACKFILL_POLICY,
     group_name=GROUP,
+    metadata={"dagster/column_schema": column_schema("image_index")},
     kinds={"duckdb", "python"},
     description=(
         "One row per file found in the shard, including files that fail to decode: image_id "
