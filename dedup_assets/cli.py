@@ -134,10 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.pop(name, None)
     os.environ.update(settings.to_env())
 
-    from dagster import materialize
+    from dagster import Definitions
 
-    from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, CORPUS_ASSETS, PER_SHARD_ASSETS, build_resources
-    from dedup_assets.defs.ingest import record_root_skips
+    from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources, corpus_job
+    from dedup_assets.defs.ingest import record_root_skips, shard_job
     from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
     from dedup_assets.ingest.shards import discover_shards, escape
     from dedup_assets.instance import PROCESS_TAG, ShardState, open_instance, process_tag, recover_stale_runs
@@ -206,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     state = ShardState(wh)
     recorded = {} if getattr(args, "force", False) else state.recorded()
     config = _per_shard_config(resources)
+    # the named jobs, so that the runs list says what ran (not __ephemeral_asset_job__)
+    jobs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[shard_job, corpus_job], resources=resources)
     failures: list[str] = []
     shard_check_failures: list[str] = []
     started = time.perf_counter()
@@ -220,9 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _print(f"[{n}/{len(keys)}] {kind} {key}: unchanged since its last successful run, skipped (--force redoes it)")
             continue
         state.forget(key)
-        result = materialize(
-            ALL_ASSETS + ALL_CHECKS,
-            selection=PER_SHARD_ASSETS,
+        result = jobs.get_job_def("shard_job").execute_in_process(
             partition_key=key,
             run_config={"loggers": QUIET},
             resources=resources,
@@ -255,9 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
     t0 = time.perf_counter()
-    result = materialize(
-        ALL_ASSETS + ALL_CHECKS,
-        selection=CORPUS_ASSETS,
+    result = jobs.get_job_def("corpus_job").execute_in_process(
         run_config={
             "ops": {"clusterings": {"config": {"refit": bool(getattr(args, "refit", False))}}},
             "loggers": QUIET,

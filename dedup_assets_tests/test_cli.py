@@ -45,7 +45,9 @@ def test_run_end_to_end_through_the_console_script(small_dataset: SmallDataset, 
     # The runs were recorded in the persistent instance, so the UI shows them.
     with DagsterInstance.from_config(str(home)) as inst:
         assert sorted(inst.get_dynamic_partitions("shards")) == ["s0", "s1"]
-        assert len(inst.get_run_records()) == 3
+        records = inst.get_run_records()
+        assert len(records) == 3
+        assert sorted(r.dagster_run.job_name for r in records) == ["corpus_job", "shard_job", "shard_job"]
     # the settings file for the UI: this run's folders and minimum side
     written = (home / "dedup_assets.env").read_text()
     assert f"DEDUP_ASSETS_GENERATED={small_dataset.generated.resolve()}" in written and "DEDUP_ASSETS_MIN_SIDE=64" in written
