@@ -102,3 +102,11 @@ def test_discovery_schedule_runs_the_job_that_registers_shards(tmp_path: Path, i
     assert Warehouse(wh).query("SELECT shard, entry, reason FROM skipped_entries").rows() == [
         ("", "stats.parquet", "not_a_shard")
     ]
+
+
+def test_every_launchpad_field_says_what_it_does() -> None:
+    from dedup_assets.definitions import build_definitions
+
+    missing = [(name, field) for name, r in build_definitions().resources.items()
+               for field, info in type(r).model_fields.items() if not info.description]
+    assert missing == []

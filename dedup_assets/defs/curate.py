@@ -38,12 +38,12 @@ class CurateResource(ConfigurableResource):
     """Reweighting, export and audit settings."""
 
     reweight_clustering: int = Field(default=0, description="Which clustering's clusters are the categories.")
-    min_weight: float = Field(default=0.1)
-    max_weight: float = Field(default=10.0)
+    min_weight: float = Field(default=0.1, description="Smallest loss weight a kept image gets (clip range of reweighting).")
+    max_weight: float = Field(default=10.0, description="Largest loss weight a kept image gets.")
     export_shards: bool = Field(
         default=False, description="Also write img2dataset-style shards of the kept images (hard links)."
     )
-    audit_top_k: int = Field(default=5)
+    audit_top_k: int = Field(default=5, description="Nearest training images kept per generated image.")
     audit_threshold: float | None = Field(
         default=None, description="Cosine at/above which a generated image is flagged; None = embedder's calibration."
     )

@@ -100,13 +100,15 @@ class DedupResource(ConfigurableResource):
     n_clusterings: int = Field(default=5, description="k-means clusterings, each on a different random subset.")
     k: int | None = Field(default=None, description="Clusters per clustering; None = rule by N (README).")
     subset_size: int | None = Field(default=None, description="Points per k-means fit; None = rule by N and K.")
-    niter: int = Field(default=20)
+    niter: int = Field(default=20, description="k-means iterations per clustering.")
     soft: bool = Field(default=True, description="Also join each image's second-nearest cluster (recall at ~4× the comparisons).")
     threshold: float | None = Field(
         default=None, description="Cosine τ for a duplicate pair; None = the embedder's calibrated value."
     )
     block_size: int = Field(default=4096, description="Rows per block in the pair search (memory bound).")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where k-means, assignment and the pair search run: auto = a CUDA GPU when visible."
+    )
     n_buckets: int | None = Field(
         default=None, description="Buckets of clusters = parallel pair-search steps; None = one per rows_per_bucket vectors (at least 2)."
     )
@@ -123,13 +125,17 @@ class DedupResource(ConfigurableResource):
         default=0.1,
         description="The second cluster only where its centroid similarity is within this of the nearest (None = always).",
     )
-    keeper_policy: Literal["resolution", "priority"] = Field(default="resolution")
+    keeper_policy: Literal["resolution", "priority"] = Field(
+        default="resolution",
+        description="Which image of a group is kept: resolution = largest width × height, then bytes; "
+        "priority = highest value of priority_column.",
+    )
     priority_column: str | None = Field(
         default=None, description="image_index column whose highest value wins (policy 'priority')."
     )
     recall_sample: int = Field(default=2000, description="Images sampled by the recall estimate.")
     recall_target: float = Field(default=0.95, description="The recall check warns below this.")
-    seed: int = Field(default=0)
+    seed: int = Field(default=0, description="Seed of the k-means samples, fits, bucket plan and recall sample.")
     incremental: bool = Field(
         default=True, description="Assign new images to the stored centroids and search only their pairs."
     )

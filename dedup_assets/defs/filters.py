@@ -25,11 +25,11 @@ class PrefilterResource(ConfigurableResource):
 
     min_side: int = Field(default=400, description="Minimum width and height in pixels (CC: 400).")
     max_aspect_ratio: float = Field(default=2.0, description="Maximum long side / short side (CC: 2).")
-    max_file_bytes: int | None = Field(default=None)
+    max_file_bytes: int | None = Field(default=None, description="Remove files larger than this, in bytes (None = no limit).")
     languages: list[str] | None = Field(
         default=["en"], description="Allowed caption languages (ISO 639-1); null disables the check."
     )
-    profanity: bool = Field(default=True)
+    profanity: bool = Field(default=True, description="Remove captions the profanity model scores above profanity_threshold.")
     nsfw: bool = Field(default=False, description="Run the offline NSFW detector (extra 'nsfw').")
     nsfw_threshold: float = Field(default=0.3, description="Lower removes more (biased toward removal).")
 

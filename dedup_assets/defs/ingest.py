@@ -45,7 +45,7 @@ GROUP = "ingest"
     kinds={"duckdb", "python"},
     description=(
         "One row per file found in the shard, including files that fail to decode: image_id "
-        "(<shard>/<key>), location, caption, url, sha256, format, size after EXIF orientation, "
+        "(`<shard>/<key>`), location, caption, url, sha256, format, size after EXIF orientation, "
         "and status ('ok' or a machine-readable reason)."
     ),
 )

@@ -99,7 +99,7 @@ class DatasetResource(ConfigurableResource):
 class EmbedderResource(ConfigurableResource):
     """The image embedder, chosen by configuration: the built-in offline one or open_clip.
 
-    The model is built once per process in `setup_for_execution` and kept in a private attribute.
+    The model is loaded once per step process, before the first image.
     Asking for open_clip weights that are not available offline fails at once with a message that
     says what to do; there is no silent fallback to another model.
     """
@@ -122,11 +122,13 @@ class EmbedderResource(ConfigurableResource):
         default=None,
         description="open_clip pretrained tag (needs a populated cache) or a local checkpoint path.",
     )
-    device: Literal["auto", "cuda", "cpu"] = Field(default="auto")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Where the embedder runs: auto = the first visible CUDA GPU, else the CPU."
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="auto = fp16 on GPU, fp32 on CPU."
     )
-    batch_size: int = Field(default=64)
+    batch_size: int = Field(default=64, description="Images per embedding batch.")
     workers: int = Field(default=2, description="Decode/prepare worker processes.")
     allow_random_weights: bool = Field(
         default=False,
