@@ -19,6 +19,7 @@ EXPECTED_ASSETS = {
     "prefilter",
     "embeddings",
     "clusterings",
+    "verified_pairs",
     "candidate_pairs",
     "duplicate_groups",
     "filtered_dataset",
@@ -48,6 +49,9 @@ def test_definitions_load_with_every_asset_check_sensor_and_schedule(tmp_path: P
     ops = {n.name: n.definition for n in graph.nodes}
     assert set(ops) == {"plan_bucket_search", "search_bucket", "merge_bucket_pairs"}
     assert ops["search_bucket"].pool == "gpu"
+    # verification is a graph too: a plan step, one step per chunk of pairs, a merge step
+    vgraph = defs_by_key["verified_pairs"].node_def
+    assert {n.name for n in vgraph.nodes} == {"plan_verification", "verify_chunk", "merge_verification"}
 
 
 def test_module_level_defs_import() -> None:
