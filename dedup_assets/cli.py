@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources, corpus_job
     from dedup_assets.defs.ingest import record_root_skips, shard_job
-    from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
+    from dedup_assets.defs.partitions import register_shards_on
     from dedup_assets.ingest.shards import discover_shards, escape
     from dedup_assets.instance import PROCESS_TAG, ShardState, open_instance, process_tag, recover_stale_runs
     from dedup_assets.warehouse import Warehouse
@@ -169,10 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"recovered {len(recovered)} run(s) left by a dedup-assets process that is gone "
             f"({', '.join(r[:8] for r in recovered)}): marked failed, their pool slots freed"
         )
-    known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
-    new = [k for k in keys if k not in known]
-    if new:
-        instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
+    new = register_shards_on(instance, keys)
     _print(
         f"dedup-assets: {len(keys)} {'file pair(s)' if external else 'shard(s)'} under {source} "
         f"({len(new)} newly registered); warehouse {settings.warehouse}; "

@@ -25,7 +25,13 @@ from dagster import (
 )
 
 from dedup_assets.defs.metadata import counts_md, markdown_preview
-from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, SHARDS_PARTITIONS_NAME, shards_partitions
+from dedup_assets.defs.partitions import (
+    SHARD_BACKFILL_POLICY,
+    SHARDS_PARTITIONS_NAME,
+    register_shards_on,
+    shards_partitions,
+    unregistered_shards,
+)
 from dedup_assets.defs.resources import DatasetResource, WarehouseResource
 from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, validate_parts
 from dedup_assets.ingest.clip_retrieval import index_frame as clip_index_frame
@@ -233,8 +239,7 @@ def shard_sensor(context: SensorEvaluationContext, dataset: DatasetResource) -> 
     fresh, rejected = new_shards(dataset, requested)
     for line in rejected:
         context.log.warning(f"skipping shard {line}")
-    registered = set(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
-    to_add = [s for s in fresh if s not in registered]
+    to_add = unregistered_shards(context.instance, fresh)
     return SensorResult(
         run_requests=[RunRequest(run_key=f"shard:{s}", partition_key=s) for s in fresh],
         dynamic_partitions_requests=[shards_partitions.build_add_request(to_add)] if to_add else [],
@@ -252,8 +257,7 @@ def register_shards(
         context.log.warning(f"skipping shard {line}")
     if dataset.root.exists() and not dataset.is_external:
         context.log.info(record_root_skips(warehouse.get(), dataset.root, discover_shards(dataset.root, dataset.follow_links)[1]))
-    if fresh:
-        context.instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, fresh)
+    fresh = register_shards_on(context.instance, fresh)
     context.log.info(f"registered {len(fresh)} new shard(s): {fresh[:20]}")
     return fresh
 

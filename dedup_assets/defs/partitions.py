@@ -10,3 +10,18 @@ shards_partitions = DynamicPartitionsDefinition(name=SHARDS_PARTITIONS_NAME)
 # a backfill hands up to 8 shards to one run; the per-shard assets loop over `context.partition_keys`
 # and write each shard in its own transaction.
 SHARD_BACKFILL_POLICY = BackfillPolicy.multi_run(max_partitions_per_run=8)
+
+
+def unregistered_shards(instance, keys) -> list[str]:  # noqa: ANN001 - DagsterInstance, iterable of keys
+    """The keys (in order, each once) that are not yet partitions of `shards`."""
+    known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    return [k for k in dict.fromkeys(keys) if k not in known]
+
+
+def register_shards_on(instance, keys) -> list[str]:  # noqa: ANN001
+    """Add the keys that are not yet partitions (the discovery op and the CLI; the sensor asks for
+    the same keys through a dynamic-partitions request); returns the ones added."""
+    new = unregistered_shards(instance, keys)
+    if new:
+        instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
+    return new
