@@ -90,6 +90,19 @@ def true_pairs_of(
     return lo[first], hi[first], s[first]
 
 
+def recall_by_prefix(found: np.ndarray, found_by: np.ndarray, n_clusterings: int) -> list[float]:
+    """Recall of the pairs found by clusterings 0..c alone, for c = 0..n_clusterings-1 (the seed's
+    85 % → 97 % curve): a true pair counts for prefix c when it was found and its found_by has a
+    bit below c + 1, or is 0 (found by a search that is not a clustering, e.g. brute force)."""
+    n = int(found.size)
+    out = []
+    for c in range(1, n_clusterings + 1):
+        mask = (1 << min(c, 8)) - 1
+        hit = found & (((found_by & mask) != 0) | (found_by == 0))
+        out.append(float(hit.sum()) / n if n else 1.0)
+    return out
+
+
 def estimate_recall(
     x: np.ndarray,
     candidates: Pairs,
@@ -131,11 +144,7 @@ def estimate_recall(
 
     n_true = int(present.size)
     n_found = int(present.sum())
-    by_c: list[float] = []
-    for c in range(1, n_clusterings + 1):
-        mask = np.uint8((1 << min(c, 8)) - 1)
-        found_c = present & (((fb & mask) != 0) | (fb == 0))
-        by_c.append(float(found_c.sum()) / n_true if n_true else 1.0)
+    by_c = recall_by_prefix(present, fb.astype(np.int64), n_clusterings)
     recall = n_found / n_true if n_true else 1.0
     lo, hi = wilson_interval(n_found, n_true)
     return RecallEstimate(
@@ -252,11 +261,7 @@ def streamed_recall(
         lo, hi = float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
     else:
         lo, hi = 0.0, 1.0
-    by_c = []
-    for c in range(1, n_clusterings + 1):
-        mask = (1 << min(c, 8)) - 1
-        fc = found & (((fb_a & mask) != 0) | (fb_a == 0))
-        by_c.append(float(fc.sum()) / n_true if n_true else 1.0)
+    by_c = recall_by_prefix(found, fb_a, n_clusterings)
     dense_q = np.argsort(-true_per)[: max(1, m // 10)] if m else np.zeros(0, np.int64)
     d_true, d_found = float(true_per[dense_q].sum()), float(found_per[dense_q].sum())
     return StreamedRecall(
