@@ -149,10 +149,10 @@ class DedupResource(ConfigurableResource):
         "embedder, off for open_clip and external vectors (no images to read); 'on' needs image files.",
     )
     notion: Literal["copy", "near_duplicate"] = Field(
-        default="near_duplicate",
-        description="What verification accepts: 'copy' = the same picture after edits; 'near_duplicate' (the "
-        "default, the seed's notion) = also one layout with other details, e.g. a clock at another hour: repeated "
-        "near-identical pictures are what a model memorises. README 'Verification'.",
+        default="copy",
+        description="What verification accepts: 'copy' (the default) = the same picture after edits, so a removed "
+        "image is a copy of its keeper; 'near_duplicate' = the seed's looser notion, also one layout with other "
+        "details (a clock at another hour, another text on one template). README 'Verification'.",
     )
     verify_margin: float = Field(
         default=0.1,
