@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import duckdb
-import pytest
 
 from dedup_assets_tests.conftest import SmallDataset
 from dedup_assets_tests.test_cli import _cli

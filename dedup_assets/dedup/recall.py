@@ -231,7 +231,7 @@ def streamed_recall(
     (`found_by[(a, b)]` with a < b)."""
     qids = list(query_ids)
     sampled = set(qids)
-    q_of, fb, keep = [], [], []
+    q_of, fb = [], []
     seen: set[tuple[str, str]] = set()
     for q, other, s in zip(partner_q.tolist(), partner_ids, partner_sim.tolist()):
         a, b = qids[q], other
