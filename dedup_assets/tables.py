@@ -741,22 +741,36 @@ class BucketData:
     stamps: dict[str, str]
 
 
-def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path]) -> int:
-    """candidate_pairs = the union of the buckets' pairs (one row per pair, found_by ORed), in DuckDB."""
+MERGE_ROWS_PER_PASS = 20_000_000  # bucket pair rows unioned per GROUP BY pass of merge_candidate_pairs
+
+
+def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path], rows_per_pass: int = MERGE_ROWS_PER_PASS) -> int:
+    """candidate_pairs = the union of the buckets' pairs (one row per pair, found_by ORed), in DuckDB.
+
+    The union runs in passes, each over the pairs whose hash(image_a) falls in one of P classes
+    (P = the bucket files' rows / rows_per_pass, from their Parquet footers), so one GROUP BY holds
+    1/P of the pairs: at 4M a single GROUP BY over every bucket's pairs was OOM-killed under a 3 GB
+    cap. Rows are sorted by (image_a, image_b) within a pass, not across passes."""
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    passes = max(1, -(-int(rows) // max(1, int(rows_per_pass))))
     with wh.connect() as con:
+        con.execute("SET preserve_insertion_order = false")
         with transaction(con):
+            con.execute(
+                f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} (image_a VARCHAR, image_b VARCHAR, "
+                "similarity FLOAT, found_by UTINYINT)"
+            )
             if files:
                 lit = "[" + ", ".join(_sql_str(p.resolve()) for p in files) + "]"
-                con.execute(
-                    f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} AS SELECT image_a, image_b, "
-                    "CAST(max(similarity) AS FLOAT) AS similarity, CAST(bit_or(found_by) AS UTINYINT) AS found_by "
-                    f"FROM read_parquet({lit}) GROUP BY image_a, image_b ORDER BY image_a, image_b"
-                )
-            else:
-                con.execute(
-                    f"CREATE OR REPLACE TABLE {CANDIDATE_PAIRS} (image_a VARCHAR, image_b VARCHAR, "
-                    "similarity FLOAT, found_by UTINYINT)"
-                )
+                for k in range(passes):
+                    where = f"WHERE hash(image_a) % {passes} = {k} " if passes > 1 else ""
+                    con.execute(
+                        f"INSERT INTO {CANDIDATE_PAIRS} SELECT image_a, image_b, "
+                        "CAST(max(similarity) AS FLOAT), CAST(bit_or(found_by) AS UTINYINT) "
+                        f"FROM read_parquet({lit}) {where}GROUP BY image_a, image_b ORDER BY image_a, image_b"
+                    )
         return int(con.execute(f"SELECT count(*) FROM {CANDIDATE_PAIRS}").fetchall()[0][0])
 
 

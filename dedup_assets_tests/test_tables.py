@@ -142,3 +142,34 @@ def test_other_dimension_is_refused_and_a_moved_warehouse_is_repointed(tmp_path:
     moved = Warehouse(tmp_path / "b" / "wh.duckdb")
     ensure_embeddings(moved)
     assert moved.read_vectors("embeddings", "image_id", "embedding")[1].shape == (1, 16)
+
+
+def test_candidate_pairs_merge_in_passes_equals_one_union(tmp_path: Path) -> None:
+    """merge_candidate_pairs unions the bucket files in hash passes; any number of passes gives the
+    same rows: one per pair, the largest similarity, found_by ORed."""
+    from dedup_assets.tables import merge_candidate_pairs
+
+    rng = np.random.default_rng(3)
+    files, want = [], {}
+    for b in range(4):
+        a = rng.integers(0, 60, 300)
+        c = rng.integers(0, 60, 300)
+        keep = a != c
+        lo = [f"s/{min(x, y):03d}" for x, y in zip(a[keep], c[keep])]
+        hi = [f"s/{max(x, y):03d}" for x, y in zip(a[keep], c[keep])]
+        sim = rng.uniform(0.9, 1.0, int(keep.sum())).astype(np.float32)
+        fb = rng.integers(1, 32, int(keep.sum())).astype(np.uint8)
+        for k in zip(lo, hi, sim.tolist(), fb.tolist()):
+            s0, f0 = want.get(k[:2], (0.0, 0))
+            want[k[:2]] = (max(s0, k[2]), f0 | k[3])
+        p = tmp_path / f"bucket_{b}.parquet"
+        pl.DataFrame({"image_a": lo, "image_b": hi, "similarity": sim, "found_by": fb,
+                      "shard_a": ["s"] * len(lo), "shard_b": ["s"] * len(lo)}).write_parquet(p)
+        files.append(p)
+    for rows_per_pass in (10**9, 250, 37):  # 1, 5 and 33 passes
+        wh = Warehouse(tmp_path / f"w{rows_per_pass}.duckdb")
+        assert merge_candidate_pairs(wh, files, rows_per_pass=rows_per_pass) == len(want)
+        got = {(a, b): (s, f) for a, b, s, f in wh.read_table("candidate_pairs").iter_rows()}
+        assert got.keys() == want.keys()
+        assert all(abs(got[k][0] - want[k][0]) < 1e-6 and got[k][1] == want[k][1] for k in want)
+    assert merge_candidate_pairs(Warehouse(tmp_path / "empty.duckdb"), []) == 0
