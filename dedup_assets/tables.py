@@ -1171,6 +1171,10 @@ def iter_filtered_dataset(wh: Warehouse, columns: Sequence[str] = tuple(KEPT_SCH
 # ------------------------------------------------------------------ column schemas for the catalog
 # One description per column of every asset's table: `column_schema(table)` turns them, with the
 # table's polars schema, into the `dagster/column_schema` metadata the UI shows on each asset.
+_PAIR_DOCS = {
+    "image_a": "image_id, image_a < image_b", "image_b": "image_id", "similarity": "cosine of the two vectors",
+    "found_by": "bitmask of the clusterings whose shared cluster found the pair",
+}
 COLUMN_DOCS: dict[str, dict[str, str]] = {
     IMAGE_INDEX: {
         "image_id": "<shard>/<key>, unique", "shard": "partition key", "key": "file stem (escaped)",
@@ -1194,13 +1198,9 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "image_id": "image_index.image_id", "shard": "partition key", "clustering": "0..C-1 (each fitted on its own sample)",
         "cluster": "nearest centroid", "cluster2": "second-nearest within soft_margin (null without)",
     },
-    CANDIDATE_PAIRS: {
-        "image_a": "image_id, image_a < image_b", "image_b": "image_id", "similarity": "cosine of the two vectors",
-        "found_by": "bitmask of the clusterings whose shared cluster found the pair",
-    },
+    CANDIDATE_PAIRS: _PAIR_DOCS,
     VERIFIED_PAIRS: {
-        "image_a": "image_id, image_a < image_b", "image_b": "image_id", "similarity": "cosine of the two vectors",
-        "found_by": "bitmask of clusterings", "is_duplicate": "an edge of duplicate_groups",
+        **_PAIR_DOCS, "is_duplicate": "an edge of duplicate_groups",
         "verdict": "accepted | undecided:<why> | rejected:<why> | not_verified",
         "inliers": "local-feature matches agreeing with one transform", "overlap": "min covered fraction of the two images",
         "changed": "changed fraction of the aligned overlap (copy notion)", "mirrored": "matched against the mirror image",

@@ -276,8 +276,7 @@ def _verify_audit(table: pl.DataFrame, gen_paths: dict, locations: dict, curate:
                   log) -> tuple[dict[tuple[str, str], str], str]:  # noqa: ANN001
     """Verdicts for the audit rows within audit_verify_margin of τ (generated image vs training image)."""
     from dedup_assets.dedup.verify import VerifyConfig, verify_candidates
-    from dedup_assets.ingest.decode import decode_rgb
-    from dedup_assets.ingest.shards import read_location
+    from dedup_assets.defs.dedup import verify_image
 
     lo = tau - curate.audit_verify_margin
     rows = table.filter(pl.col("similarity") >= lo)
@@ -285,8 +284,7 @@ def _verify_audit(table: pl.DataFrame, gen_paths: dict, locations: dict, curate:
 
     def load(key: str):  # noqa: ANN202
         kind, _, ref = key.partition(":")
-        data = Path(ref).read_bytes() if kind == "gen" else read_location(ref)
-        return decode_rgb(data, target_side=2 * cfg.max_side)
+        return verify_image(Path(ref).read_bytes() if kind == "gen" else None, ref)
 
     pairs = pl.DataFrame({
         "image_a": rows["generated"], "image_b": rows["image_id"], "similarity": rows["similarity"],

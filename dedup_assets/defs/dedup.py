@@ -604,11 +604,17 @@ def plan_verification(
         yield DynamicOutput(c * 1_000_000 + chunks, mapping_key=f"chunk_{c:05d}")
 
 
-def _verify_load(location: str):  # noqa: ANN202
+def verify_image(data: bytes | None, location: str):  # noqa: ANN201 - PIL image
+    """An image decoded for verification (at twice the analysis side): `data` when given, else the
+    bytes at a training image's location (read with indexing's safety rules)."""
     from dedup_assets.ingest.decode import decode_rgb
     from dedup_assets.ingest.shards import read_location
 
-    return decode_rgb(read_location(location), target_side=2 * VerifyConfig().max_side)
+    return decode_rgb(data if data is not None else read_location(location), target_side=2 * VerifyConfig().max_side)
+
+
+def _verify_load(location: str):  # noqa: ANN202
+    return verify_image(None, location)
 
 
 @op(
