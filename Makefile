@@ -41,7 +41,7 @@ test-all: venv system-deps
 
 # The Dagster UI on http://127.0.0.1:3000 (DAGSTER_HOME = this folder, see dagster.yaml).
 dev: venv
-	$(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/dedup-assets dev
 
 bench: venv
 	$(BIN)/python benchmarks/bench_offline_recall.py --quick

@@ -7,6 +7,7 @@
     dedup-assets run --embeddings DIR --threshold T [--model-id NAME] [--generated-embeddings DIR] …
     dedup-assets sample --out DIR [--generated-out DIR]
     dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
+    dedup-assets dev [--port N]  # the Dagster UI (dagster dev -w workspace.yaml) and the review pages
 
 `run` registers every shard under --source as a dynamic partition, materializes the per-shard
 assets one shard at a time and then the corpus assets, all through Dagster (the runs show in the
@@ -122,6 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             threshold=getattr(args, "threshold", None),
             generated_embeddings=str(Path(args.generated_embeddings).resolve())
             if getattr(args, "generated_embeddings", None) else None,
+            report_base_url=getattr(args, "report_base_url", None),
         )
     except ValueError as e:
         _print(f"error: {e}")
@@ -388,9 +390,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dagster_home=args.dagster_home,
         refit=False,
         force=False,
+        report_base_url=args.report_base_url,
     )
     _print(f"(demo uses min side {args.min_side} px instead of the Conceptual Captions 400 px: the sample images are small)")
     return cmd_run(ns)
+
+
+REPORTS_URL = "http://127.0.0.1:3001"  # where `dedup-assets dev` serves the warehouse's _files folder
+
+
+def _serve_reports(directory: Path, base_url: str):  # noqa: ANN202
+    """Serve `directory` read-only on the loopback port of `base_url`, in a daemon thread."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    if url.hostname not in ("127.0.0.1", "localhost") or not url.port:
+        return None  # served elsewhere (a web server or bucket the user runs): nothing to start here
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+        def do_PUT(self) -> None:  # read-only
+            self.send_error(405)
+
+    server = ThreadingHTTPServer(("127.0.0.1", url.port), functools.partial(Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True, name="review-pages").start()
+    return server
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """`dagster dev -w workspace.yaml` with the settings file's configuration, plus a loopback web server
+    for the review pages, manifests and embedding files next to the warehouse, so the UI's links open."""
+    import subprocess
+
+    from dedup_assets.settings import ENV_REPORT_BASE_URL, Settings
+
+    settings = Settings.from_env()
+    base = settings.report_base_url or REPORTS_URL
+    directory = Path(settings.warehouse).with_name(Path(settings.warehouse).stem + "_files")
+    directory.mkdir(parents=True, exist_ok=True)
+    if args.port:
+        base = f"http://127.0.0.1:{args.port}"
+    server = _serve_reports(directory, base)
+    if server is not None:
+        _print(f"review pages: {base}/ serves {directory}")
+    env = dict(os.environ)
+    env[ENV_REPORT_BASE_URL] = base  # runs launched from the UI record links under it
+    # `dagster dev` prints a SupersessionWarning pointing at `dg dev`; `dg` needs the dagster-dg-cli
+    # package and a dg project layout, while this repository is loaded from workspace.yaml, which
+    # `dagster dev` supports. So the warning is silenced here, and only here.
+    # (A -W category filter cannot name dagster's class: it is resolved before dagster is importable.)
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore:Function `dev_command` is superseded"]))
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster) if dagster.exists() else "dagster", "dev", "-w", args.workspace, *args.dagster_args]
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dagster-home", default=None)
     r.add_argument("--force", action="store_true",
                    help="redo every shard, also those unchanged since their last successful run")
+    r.add_argument("--report-base-url", default=d.report_base_url, metavar="URL",
+                   help="URL at which the warehouse's _files folder is served: review pages become links in the UI "
+                        "(default: DEDUP_ASSETS_REPORT_BASE_URL or the settings file)")
     r.add_argument("--refit", action="store_true",
                    help="refit the k-means clusterings instead of assigning new images to the stored centroids")
     r.set_defaults(func=cmd_run)
@@ -442,7 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="data")
     d.add_argument("--min-side", type=int, default=128)
     d.add_argument("--dagster-home", default=None)
+    d.add_argument("--report-base-url", default=REPORTS_URL, metavar="URL",
+                   help=f"where `dedup-assets dev` serves the review pages (default {REPORTS_URL})")
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("dev", help="the Dagster UI on this configuration, with the review pages served")
+    v.add_argument("--workspace", default="workspace.yaml")
+    v.add_argument("--port", type=int, default=None, help="port of the review pages (default: the settings' URL)")
+    v.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed to `dagster dev` (e.g. -p 3000)")
+    v.set_defaults(func=cmd_dev)
     return p
 
 

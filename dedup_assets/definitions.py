@@ -5,16 +5,24 @@ Settings come from the environment (see `dedup_assets.settings` and the README),
 """
 
 
-from dagster import AssetSelection, Definitions, ScheduleDefinition, define_asset_job
+import subprocess
+from pathlib import Path
+
+from dagster import (
+    AnchorBasedFilePathMapping,
+    AssetSelection,
+    AssetSpec,
+    Definitions,
+    ScheduleDefinition,
+    define_asset_job,
+    link_code_references_to_git,
+    map_asset_specs,
+    with_source_code_references,
+)
 from dagster_celery import celery_executor
 
-from dedup_assets.defs.curate import (
-    CurateResource,
-    filtered_dataset,
-    filtered_dataset_accounting,
-    no_regurgitation,
-    regurgitation_audit,
-)
+from dedup_assets.defs.audit import AuditResource, no_regurgitation, regurgitation_audit
+from dedup_assets.defs.curate import CurateResource, filtered_dataset, filtered_dataset_accounting
 from dedup_assets.defs.dedup import (
     DedupResource,
     candidate_pairs,
@@ -48,6 +56,70 @@ ALL_CHECKS = [
     no_regurgitation,
 ]
 
+# Who to ask about an asset (the catalog's owners); a deployment replaces it with its own team.
+OWNERS = ["team:data-curation"]
+
+
+def _git_source() -> tuple[str, str] | None:
+    """(browsable URL of the repository, branch) when this package runs from a git checkout with a
+    remote named origin; None otherwise (code references then point at the local files)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+
+    try:
+        url, branch = git("config", "--get", "remote.origin.url"), git("rev-parse", "--abbrev-ref", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if url.startswith("git@") and ":" in url:  # git@github.com:owner/repo.git → https://github.com/owner/repo
+        host, _, path = url[4:].partition(":")
+        url = f"https://{host}/{path}"
+    url = url.removesuffix(".git")
+    if not url.startswith(("https://", "http://")):
+        return None
+    return url, (branch if branch and branch != "HEAD" else "main")
+
+
+def _what_runs(settings: Settings) -> dict[str, set[str]]:
+    """The kinds the catalog shows where they depend on the configuration: the embedder (PyTorch only
+    for open_clip) and the k-means backend (faiss on the CPU, PyTorch on a GPU)."""
+    from dedup_assets.dedup.kernels import _has_gpu_node
+
+    torch_embeds = settings.embedder == "openclip" and not settings.embeddings
+    gpu = settings.device == "cuda" or (settings.device == "auto" and _has_gpu_node())
+    return {
+        "embeddings": {"parquet", "pytorch" if torch_embeds else "numpy"},
+        "clusterings": {"duckdb", "pytorch" if gpu else "faiss"},
+    }
+
+
+def catalog_assets(settings: Settings, git_source: tuple[str, str] | None = None) -> list:
+    """ALL_ASSETS as the catalog shows them: owners, tags (stage = group, scale = per-shard or corpus),
+    the kinds that really run under `settings`, and references to their source — linked to the git
+    repository when it has a remote (`git_source`, default: found with git)."""
+    kinds = _what_runs(settings)
+
+    def describe(spec: AssetSpec) -> AssetSpec:
+        tags = {k: v for k, v in spec.tags.items() if not k.startswith("dagster/kind/")}
+        tags.update(stage=spec.group_name or "default", scale="per-shard" if spec.partitions_def else "corpus")
+        return spec.replace_attributes(
+            owners=OWNERS, tags=tags, kinds=kinds.get(spec.key.to_user_string(), set(spec.kinds))
+        )
+
+    assets = with_source_code_references(map_asset_specs(describe, ALL_ASSETS))
+    source = git_source if git_source is not None else _git_source()
+    if source:
+        assets = link_code_references_to_git(
+            assets, git_url=source[0], git_branch=source[1],
+            file_path_mapping=AnchorBasedFilePathMapping(
+                local_file_anchor=Path(__file__), file_anchor_path_in_repository="dedup_assets/definitions.py"
+            ),
+        )
+    return list(assets)
+
+
 corpus_job = define_asset_job(
     "corpus_job",
     selection=AssetSelection.assets(*CORPUS_ASSETS),
@@ -78,6 +150,7 @@ def build_resources(settings: Settings) -> dict:
         dedup=DedupResource(),
         prefilters=PrefilterResource(min_side=settings.min_side),
         curate=CurateResource(),
+        audit=AuditResource(),
     )
     return resources
 
@@ -85,7 +158,7 @@ def build_resources(settings: Settings) -> dict:
 def build_definitions(settings: Settings | None = None) -> Definitions:
     settings = settings or Settings.from_env()
     return Definitions(
-        assets=ALL_ASSETS,
+        assets=catalog_assets(settings),
         asset_checks=ALL_CHECKS,
         jobs=[shard_job, corpus_job, discover_shards_job, shard_job_celery, corpus_job_celery],
         sensors=[shard_sensor],

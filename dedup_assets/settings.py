@@ -30,11 +30,13 @@ ENV_THRESHOLD = "DEDUP_ASSETS_THRESHOLD"
 ENV_GENERATED_EMBEDDINGS = "DEDUP_ASSETS_GENERATED_EMBEDDINGS"
 ENV_DISCOVERY_CRON = "DEDUP_ASSETS_DISCOVERY_CRON"
 ENV_CORPUS_CRON = "DEDUP_ASSETS_CORPUS_CRON"
+ENV_REPORT_BASE_URL = "DEDUP_ASSETS_REPORT_BASE_URL"
 ENV_SETTINGS = "DEDUP_ASSETS_SETTINGS"
 SETTINGS_FILE = "dedup_assets.env"
 
 # Settings that may be unset (to_env omits them then)
-OPTIONAL_ENV = (ENV_GENERATED, ENV_PRETRAINED, ENV_EMBEDDINGS, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS)
+OPTIONAL_ENV = (ENV_GENERATED, ENV_PRETRAINED, ENV_EMBEDDINGS, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS,
+                ENV_REPORT_BASE_URL)
 
 DEFAULT_SOURCE = "data/sample"
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
@@ -42,7 +44,7 @@ DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 
 ALL_ENV = (ENV_SOURCE, ENV_WAREHOUSE, ENV_GENERATED, ENV_EMBEDDER, ENV_MODEL, ENV_PRETRAINED, ENV_DEVICE,
            ENV_MIN_SIDE, ENV_EMBEDDINGS, ENV_MODEL_ID, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS,
-           ENV_DISCOVERY_CRON, ENV_CORPUS_CRON)
+           ENV_DISCOVERY_CRON, ENV_CORPUS_CRON, ENV_REPORT_BASE_URL)
 
 
 def settings_file() -> Path:
@@ -126,6 +128,7 @@ class Settings:
     model_id: str = "external"
     threshold: float | None = None
     generated_embeddings: str | None = None
+    report_base_url: str | None = None  # where the warehouse's _files folder is served (review links)
 
     def __post_init__(self) -> None:
         if self.embedder not in ("offline", "openclip"):
@@ -146,6 +149,8 @@ class Settings:
             )
         if not self.model_id:
             raise ValueError("model_id must not be empty")
+        if self.report_base_url and not self.report_base_url.startswith(("http://", "https://")):
+            raise ValueError(f"report_base_url must be an http(s) URL, got {self.report_base_url!r}")
 
     @classmethod
     def from_env(cls, use_file: bool = True) -> "Settings":
@@ -174,6 +179,7 @@ class Settings:
             model_id=_env(ENV_MODEL_ID, "external") or "external",
             threshold=float(t) if (t := _env(ENV_THRESHOLD, None)) is not None else None,
             generated_embeddings=_env(ENV_GENERATED_EMBEDDINGS, None),
+            report_base_url=_env(ENV_REPORT_BASE_URL, None),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -197,4 +203,6 @@ class Settings:
             env[ENV_THRESHOLD] = repr(self.threshold)
         if self.generated_embeddings:
             env[ENV_GENERATED_EMBEDDINGS] = self.generated_embeddings
+        if self.report_base_url:
+            env[ENV_REPORT_BASE_URL] = self.report_base_url
         return env

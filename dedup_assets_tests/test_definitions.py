@@ -54,10 +54,44 @@ def test_definitions_load_with_every_asset_check_sensor_and_schedule(tmp_path: P
     assert {n.name for n in vgraph.nodes} == {"plan_verification", "verify_chunk", "merge_verification"}
 
 
-def test_module_level_defs_import() -> None:
+def test_module_level_defs_read_the_settings_file(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     import dedup_assets.definitions as d
+    from dedup_assets.settings import ENV_SETTINGS, write_settings_file
 
+    for name in [k for k in __import__("os").environ if k.startswith("DEDUP_ASSETS_") and k != ENV_SETTINGS]:
+        monkeypatch.delenv(name)
+    write_settings_file(Settings(source=str(tmp_path / "src"), warehouse=str(tmp_path / "w.duckdb"), min_side=77))
     assert isinstance(d.defs, Definitions)
+    resources = d.build_definitions().resources  # what `defs = build_definitions()` does on import
+    assert resources["warehouse"].path == str(tmp_path / "w.duckdb")
+    assert resources["dataset"].source == str(tmp_path / "src")
+    assert resources["prefilters"].min_side == 77
+
+
+def test_catalog_has_owners_tags_real_kinds_and_code_references(tmp_path: Path) -> None:
+    from dedup_assets.definitions import OWNERS, catalog_assets
+
+    def specs(settings: Settings, git=None) -> dict:  # noqa: ANN001
+        return {s.key.to_user_string(): s for a in catalog_assets(settings, git) for s in a.specs}
+
+    base = dict(source=str(tmp_path), warehouse=str(tmp_path / "w.duckdb"))
+    offline = specs(Settings(**base, device="cpu"))
+    assert set(offline) == EXPECTED_ASSETS
+    for key, spec in offline.items():
+        assert spec.owners == OWNERS, key
+        assert spec.tags["stage"] == spec.group_name, key
+        assert spec.tags["scale"] == ("per-shard" if key in ("image_index", "prefilter", "embeddings") else "corpus")
+        (ref,) = spec.metadata["dagster/code_references"].code_references
+        lines = Path(ref.file_path).read_text().splitlines()
+        assert f"def {key}(" in "\n".join(lines[ref.line_number - 1: ref.line_number + 15]), (key, ref)
+    # what really runs: numpy for the offline embedder and faiss k-means on the CPU; PyTorch for open_clip / a GPU
+    assert offline["embeddings"].kinds == {"parquet", "numpy"} and offline["clusterings"].kinds == {"duckdb", "faiss"}
+    torch = specs(Settings(**base, embedder="openclip", device="cuda"))
+    assert torch["embeddings"].kinds == {"parquet", "pytorch"} and torch["clusterings"].kinds == {"duckdb", "pytorch"}
+    # with a git remote, references link to the file at its line in the repository
+    linked = specs(Settings(**base), ("https://github.com/example/dedup-assets", "main"))
+    (url,) = linked["filtered_dataset"].metadata["dagster/code_references"].code_references
+    assert url.url.startswith("https://github.com/example/dedup-assets/tree/main/dedup_assets/defs/curate.py#L")
 
 
 def test_sensor_adds_partitions_and_requests_runs_only_for_new_shards(tmp_path: Path, instance: DagsterInstance) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +82,27 @@ def test_embeddings_vectors_read_back(small_dataset: SmallDataset, tmp_path: Pat
 def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
     small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance
 ) -> None:
-    settings = _settings(small_dataset, tmp_path)
+    settings = dataclasses.replace(_settings(small_dataset, tmp_path), report_base_url="http://reports.example:3001/")
     _materialize_shards(small_dataset, settings, instance, PER_SHARD_ASSETS)
     result = materialize(
         ALL_ASSETS + ALL_CHECKS, selection=CORPUS_ASSETS, resources=build_resources(settings), instance=instance
     )
     assert result.success
     wh = Warehouse(settings.warehouse)
+
+    # the review pages are links under the configured base URL, and they link to each other
+    base = "http://reports.example:3001/"
+    assert _latest_meta(instance, "duplicate_groups")["review_page"] == base + "duplicate_groups.html"
+    audit_meta = _latest_meta(instance, "regurgitation_audit")
+    assert audit_meta["html_report"] == base + "regurgitation_audit.html"
+    assert audit_meta["groups_page"] == base + "duplicate_groups.html"
+    assert _latest_meta(instance, "filtered_dataset")["manifest"] == base + "filtered_dataset.parquet"
+    files = Path(settings.warehouse).parent / "wh_files"
+    audit_page = (files / "regurgitation_audit.html").read_text(encoding="utf-8")
+    groups_page = (files / "duplicate_groups.html").read_text(encoding="utf-8")
+    assert "href='duplicate_groups.html#img-" in audit_page
+    assert "<a href='regurgitation_audit.html'>regurgitation audit</a>" in groups_page
+    assert "class=badge href='regurgitation_audit.html#gen-" in groups_page  # a planted copy's training image
 
     groups = wh.read_table("duplicate_groups")
     group_of = dict(zip(groups["image_id"].to_list(), groups["group_id"].to_list()))
@@ -138,6 +154,18 @@ def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
     # the catalog's column schema of every asset is the table's real columns, each described
     from dedup_assets.definitions import build_definitions
     from dedup_assets.warehouse import table_columns
+
+    # the README's schema table names every table of the warehouse and every column of each
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Warehouse schema"):]
+    section = section[: section.index("\n## ", 5)]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z_]+)`[^|]*\|[^|]*\| (.*) \|$", section, re.M)}
+    with wh.connect() as con:
+        real = {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        assert real <= set(rows) and set(rows) - real <= {"shard_state"}, (set(rows) ^ real)  # shard_state: the CLI's
+        for table in real:
+            missing = [c for c in table_columns(con, table) if c not in rows[table]]
+            assert not missing, (table, missing)
 
     graph = build_definitions(settings).resolve_asset_graph()
     with wh.connect() as con:

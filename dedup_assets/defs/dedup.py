@@ -43,6 +43,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from dedup_assets.audit.page import AUDIT_PAGE
 from dedup_assets.dedup.buckets import (
     BucketStats,
     bucket_pair_chunks,
@@ -62,6 +63,7 @@ from dedup_assets.dedup.kmeans import (
     split_large_clusters,
 )
 from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
+from dedup_assets.dedup.review_page import GROUPS_PAGE, write_groups_review_html
 from dedup_assets.dedup.verify import VerifyConfig, verify_candidates
 from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
@@ -717,7 +719,7 @@ def verified_pairs(candidate_pairs):  # noqa: ANN001, ANN201
     ),
 )
 def duplicate_groups(
-    context: AssetExecutionContext, dedup: DedupResource, warehouse: WarehouseResource
+    context: AssetExecutionContext, dedup: DedupResource, embedder: EmbedderResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
     wh = warehouse.get()
     started = time.perf_counter()
@@ -752,18 +754,19 @@ def duplicate_groups(
                          "duplicate group sizes", "members", "groups"),
             "group size histogram",
         )
-    review = _write_review(wh, warehouse)
+    review = write_review_page(wh, warehouse, dedup.search_tau(embedder))
     if review is not None:
-        meta["review_page"] = MetadataValue.path(str(review))
+        meta["review_page"] = warehouse.link(review)
     return MaterializeResult(metadata=meta)
 
 
 REVIEW_GROUPS = 500  # groups shown on the review page (largest, then loosest)
 
-def _write_review(wh: Warehouse, warehouse: WarehouseResource) -> Path | None:
+def write_review_page(wh: Warehouse, warehouse: WarehouseResource, tau: float) -> Path | None:
     """The static HTML page for looking through groups (written next to the warehouse): the
-    REVIEW_GROUPS largest groups and the REVIEW_GROUPS loosest, so the page stays small."""
-    from dedup_assets.audit.report import write_groups_review_html
+    REVIEW_GROUPS largest groups and the REVIEW_GROUPS loosest, so the page stays small; its slider
+    starts at `tau`. When an audit page is there, flagged members link to it (the audit rewrites
+    this page after each audit, so the badges are current)."""
 
     groups = wh.query(
         "WITH shown AS (SELECT group_id FROM (SELECT group_id FROM duplicate_groups WHERE is_keeper "
@@ -784,5 +787,11 @@ def _write_review(wh: Warehouse, warehouse: WarehouseResource) -> Path | None:
         "AND v.image_b = greatest(d.image_id, d.group_id) WHERE NOT d.is_keeper"
     ).join(groups.select("image_id"), on="image_id", how="semi")
     verdicts = {i: (v, n, p) for i, v, n, p in edges.iter_rows()}
-    return write_groups_review_html(groups, locations, warehouse.directory / "duplicate_groups.html",
-                                    verdicts=verdicts)
+    audit = None
+    if (warehouse.directory / AUDIT_PAGE).exists() and wh.table_exists("regurgitation_audit"):
+        audit = wh.query(
+            "SELECT generated, image_id, flagged FROM regurgitation_audit WHERE flagged AND list_contains($ids, image_id)",
+            {"ids": groups["image_id"].to_list()},
+        )
+    return write_groups_review_html(groups, locations, warehouse.directory / GROUPS_PAGE, verdicts=verdicts,
+                                    audit=audit, audit_page=AUDIT_PAGE if audit is not None else None, tau=tau)

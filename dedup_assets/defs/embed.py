@@ -74,7 +74,7 @@ def embeddings(
     shards = list(context.partition_keys)
     store = ensure_embeddings(wh, log=context.log.info)
     if dataset.is_external:
-        return _import_external(context, dataset, embedder, wh, store, shards)
+        return _import_external(context, dataset, embedder, warehouse, store, shards)
     emb = embedder.get()
     _guard_one_model(context, wh, emb.model_id, shards, embedder.on_model_change)
     started = time.perf_counter()
@@ -121,7 +121,7 @@ def embeddings(
             "missing_from_shard": missing,
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / max(seconds, 1e-9), 1),
-            "storage": MetadataValue.path(str(store.root)),
+            "storage": warehouse.link(store.root),
         }
     )
 
@@ -145,9 +145,13 @@ def _guard_one_model(context, wh, model_id: str, shards: list[str], on_change: s
         delete_embeddings(wh, partition)
 
 
-def _import_external(context, dataset: DatasetResource, embedder: EmbedderResource, wh, store, keys: list[str]):  # noqa: ANN001, ANN202
+def _import_external(  # noqa: ANN202
+    context, dataset: DatasetResource, embedder: EmbedderResource, warehouse: WarehouseResource, store,  # noqa: ANN001
+    keys: list[str],
+):
     """Copy the vectors of clip-retrieval file pairs into the store: the rows image_index marked ok,
     L2-normalized, streamed in batches from the memory-mapped npy."""
+    wh = warehouse.get()
     if embedder.kind != "external":
         raise RuntimeError(
             f"the dataset holds external embeddings but the embedder is {embedder.kind!r}; set the embedder "
@@ -188,7 +192,7 @@ def _import_external(context, dataset: DatasetResource, embedder: EmbedderResour
             "rows_without_vector": skipped,
             "seconds": round(seconds, 3),
             "vectors_per_second": round(rows / max(seconds, 1e-9), 1),
-            "storage": MetadataValue.path(str(store.root)),
+            "storage": warehouse.link(store.root),
         }
     )
 

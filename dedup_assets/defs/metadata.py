@@ -3,7 +3,9 @@
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import polars as pl
 from dagster import MetadataValue
@@ -61,3 +63,16 @@ def counts_md(counts: dict[str, int]) -> MetadataValue:
     for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"| {k} | {v} |")
     return MetadataValue.md("\n".join(lines))
+
+
+def file_link(path: Path, directory: Path, base_url: str | None) -> MetadataValue:
+    """A file written under the warehouse's `_files` folder as metadata a person can open: a URL under
+    `base_url` when the folder is served (a link in the UI), else its path relative to the folder that
+    holds the warehouse (`<stem>_files/…`), never an absolute path of the machine that wrote it."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(directory).resolve())
+    except ValueError:  # not under the folder: say where it is
+        return MetadataValue.path(str(path))
+    if base_url:
+        return MetadataValue.url(base_url.rstrip("/") + "/" + quote(rel.as_posix()))
+    return MetadataValue.path((Path(directory).name / rel).as_posix())

@@ -4,7 +4,7 @@
 from pathlib import Path
 from typing import Literal
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, InitResourceContext, MetadataValue
 from pydantic import Field, PrivateAttr
 
 from dedup_assets.embed.base import Embedder
@@ -18,6 +18,12 @@ class WarehouseResource(ConfigurableResource):
     """The DuckDB file that holds one table per asset."""
 
     path: str = Field(description="Path of the DuckDB warehouse file.")
+    report_base_url: str | None = Field(
+        default=None,
+        description="URL at which the folder next to the warehouse (<stem>_files/) is served, e.g. "
+        "http://127.0.0.1:3001 as `dedup-assets dev` does: review pages and manifests become links in the UI. "
+        "None = they are recorded as paths relative to the warehouse's folder.",
+    )
 
     def get(self) -> Warehouse:
         return Warehouse(self.path)
@@ -29,6 +35,12 @@ class WarehouseResource(ConfigurableResource):
         out = p.with_name(p.stem + "_files")
         out.mkdir(parents=True, exist_ok=True)
         return out
+
+    def link(self, path: Path) -> MetadataValue:
+        """Metadata for a file under `directory`: a URL under report_base_url, else a relative path."""
+        from dedup_assets.defs.metadata import file_link
+
+        return file_link(path, self.directory, self.report_base_url)
 
 
 class DatasetResource(ConfigurableResource):
@@ -202,7 +214,7 @@ def resources_from_settings(settings: Settings) -> dict[str, ConfigurableResourc
     """The resource set for one configuration (used by `definitions.py` and the CLI)."""
     external = settings.embeddings is not None
     return {
-        "warehouse": WarehouseResource(path=settings.warehouse),
+        "warehouse": WarehouseResource(path=settings.warehouse, report_base_url=settings.report_base_url),
         "dataset": DatasetResource(
             source=settings.embeddings if external else settings.source,
             source_kind="embeddings" if external else "shards",
