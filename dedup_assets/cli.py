@@ -446,7 +446,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # (A -W category filter cannot name dagster's class: it is resolved before dagster is importable.)
     env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore:Function `dev_command` is superseded"]))
     dagster = Path(sys.executable).with_name("dagster")
-    cmd = [str(dagster) if dagster.exists() else "dagster", "dev", "-w", args.workspace, *args.dagster_args]
+    # the repository's workspace.yaml when run from a checkout, else the installed module
+    where = ["-w", args.workspace] if Path(args.workspace).is_file() else ["-m", "dedup_assets.definitions"]
+    cmd = [str(dagster) if dagster.exists() else "dagster", "dev", *where, *[a for a in args.dagster_args if a != "--"]]
     try:
         return subprocess.call(cmd, env=env)
     finally:
@@ -511,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("dev", help="the Dagster UI on this configuration, with the review pages served")
-    v.add_argument("--workspace", default="workspace.yaml")
+    v.add_argument("--workspace", default="workspace.yaml",
+                   help="workspace file (default ./workspace.yaml; without one the installed module is loaded)")
     v.add_argument("--port", type=int, default=None, help="port of the review pages (default: the settings' URL)")
     v.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed to `dagster dev` (e.g. -p 3000)")
     v.set_defaults(func=cmd_dev)
