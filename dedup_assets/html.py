@@ -103,11 +103,6 @@ nav.links { font-size: 13px; margin-bottom: 6px; }
 </style>"""
 
 
-def md_cell(text: object) -> str:
-    """Text for one cell of a markdown table (pipes escaped, one line)."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def page(title: str, body: list[str], links: dict[str, str] | None = None) -> str:
     """A whole page: head with STYLE, a bar of links to the sibling pages (label → relative URL),
     the title and the body."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from dedup_assets.html import anchor, esc, md_cell, page, shorten, thumbnail_data_uri
+from dedup_assets.html import anchor, esc, page, shorten, thumbnail_data_uri
 from dedup_assets_tests.page_helpers import decode_uri, make_image
 
 
@@ -26,4 +26,4 @@ def test_page_escapes_its_title_and_links_and_anchors_are_stable() -> None:
     assert "<a href='x.html?a=&#x27;1&#x27;'>other &amp; page</a>" in html
     assert anchor("img", "s/k") == anchor("img", "s/k") != anchor("gen", "s/k")
     assert anchor("img", "a\udcff").startswith("img-")  # undecodable names from the web still get an id
-    assert esc(None) == "" and shorten("x" * 200, 10) == "x" * 9 + "…" and md_cell("a|b\nc") == "a\\|b c"
+    assert esc(None) == "" and shorten("x" * 200, 10) == "x" * 9 + "…"

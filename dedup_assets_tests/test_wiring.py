@@ -98,6 +98,14 @@ def test_whole_graph_finds_planted_copies_and_accounts_for_every_file(
     assert audit_meta["groups_page"] == base + "duplicate_groups.html"
     assert _latest_meta(instance, "filtered_dataset")["manifest"] == base + "filtered_dataset.parquet"
     files = Path(settings.warehouse).parent / "wh_files"
+    # previews are inline tables; plots are files under the served folder, shown by a short markdown image
+    from dagster import AssetKey, TableMetadataValue
+
+    raw = instance.get_latest_materialization_event(AssetKey("filtered_dataset")).asset_materialization.metadata
+    assert isinstance(raw["preview"], TableMetadataValue) and len(raw["preview"].records) == 10
+    plot = _latest_meta(instance, "duplicate_groups")["group_size_histogram"]
+    assert plot == f"![group size histogram]({base}plots/duplicate_groups_sizes.png)"
+    assert (files / "plots" / "duplicate_groups_sizes.png").read_bytes().startswith(b"\x89PNG")
     audit_page = (files / "regurgitation_audit.html").read_text(encoding="utf-8")
     groups_page = (files / "duplicate_groups.html").read_text(encoding="utf-8")
     assert "href='duplicate_groups.html#img-" in audit_page

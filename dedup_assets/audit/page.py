@@ -3,7 +3,7 @@
 - `write_audit_html`: one table row per generated image — its thumbnail and prompt, then its
   nearest training images with similarity, flagged (near-copy) images first; each training image
   links to its entry on the duplicate-groups page when one is given.
-- `audit_markdown`: the best match of each generated image, for Dagster metadata.
+- `best_matches`: the best match of each generated image, for Dagster metadata.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dedup_assets.html import Thumbs, anchor, esc, img_tag, md_cell, page, shorten, thumbnail_data_uri
+from dedup_assets.html import Thumbs, anchor, esc, img_tag, page, shorten, thumbnail_data_uri
 
 AUDIT_PAGE = "regurgitation_audit.html"
 
@@ -75,24 +75,11 @@ def write_audit_html(
     return out
 
 
-def audit_markdown(audit: pl.DataFrame, limit: int = 10) -> str:
-    """A compact markdown table: the best match of each generated image, flagged first, then by
-    similarity (for Dagster metadata)."""
-    if audit.height == 0:
-        return "_no generated images audited_"
-    top = (
+def best_matches(audit: pl.DataFrame) -> pl.DataFrame:
+    """The best match of each generated image, flagged first, then by similarity (for Dagster metadata)."""
+    return (
         audit.filter(pl.col("rank") == 1)
         .sort(["flagged", "similarity", "generated"], descending=[True, True, False])
+        .select("generated", pl.col("image_id").alias("nearest_training_image"),
+                pl.col("similarity").cast(pl.Float64).round(3), "flagged", pl.col("kept_in_filtered").alias("kept"), "verdict")
     )
-    lines = [
-        "| generated | nearest training image | similarity | flagged | kept |",
-        "|---|---|---|---|---|",
-    ]
-    for r in top.head(limit).iter_rows(named=True):
-        lines.append(
-            f"| {md_cell(r['generated'])} | {md_cell(r['image_id'])} | {float(r['similarity']):.3f} | "
-            f"{'**yes**' if r['flagged'] else 'no'} | {'yes' if r['kept_in_filtered'] else 'no'} |"
-        )
-    if top.height > limit:
-        lines.append(f"\n_{top.height - limit} more generated images_")
-    return "\n".join(lines)

@@ -20,12 +20,12 @@ from dagster import (
 from pydantic import Field
 
 from dedup_assets import tables
-from dedup_assets.audit.page import AUDIT_PAGE, audit_markdown, write_audit_html
+from dedup_assets.audit.page import AUDIT_PAGE, best_matches, write_audit_html
 from dedup_assets.audit.search import AUDIT_SCHEMA, AuditConfig, StreamedTopK, apply_verdicts, audit_table, discover_generated
 from dedup_assets.dedup.kernels import describe_backend, resolve_device
 from dedup_assets.dedup.review_page import GROUPS_PAGE
 from dedup_assets.defs.dedup import DedupResource, verify_image, write_review_page
-from dedup_assets.defs.metadata import markdown_preview
+from dedup_assets.defs.metadata import table_preview
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.clip_retrieval import read_generated
@@ -198,7 +198,7 @@ def regurgitation_audit(
             ),
             "seconds": round(seconds, 3),
             "training_vectors_per_second": round(top.searched / max(seconds, 1e-9)),
-            "report": MetadataValue.md(audit_markdown(table)),
+            "best_matches": table_preview(best_matches(table), limit=20),
             "html_report": warehouse.link(html),
             **({"groups_page": warehouse.link(groups_page)} if groups_page is not None else {}),
         }
@@ -267,6 +267,6 @@ def no_regurgitation(warehouse: WarehouseResource) -> AssetCheckResult:
         metadata={
             "generated_images_audited": audited,
             "flagged_pairs": flagged.height,
-            "near_copies": markdown_preview(flagged, limit=50),
+            "near_copies": table_preview(flagged, limit=50),
         },
     )

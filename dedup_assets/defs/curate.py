@@ -17,7 +17,7 @@ from pydantic import Field
 from dedup_assets import tables
 from dedup_assets.curate.export import export_shards
 from dedup_assets.curate.reweight import ReweightConfig, cluster_weights, report_from_counts
-from dedup_assets.defs.metadata import counts_md, markdown_preview, png_markdown
+from dedup_assets.defs.metadata import counts_table, table_preview
 from dedup_assets.defs.resources import WarehouseResource
 
 GROUP = "curate"
@@ -72,17 +72,17 @@ def filtered_dataset(
             "indexed": built["indexed"],
             "kept": built["kept"],
             "removed": built["removed"],
-            "removed_by_kind": counts_md(built["removed_by_kind"]),
+            "removed_by_kind": counts_table(built["removed_by_kind"]),
             "tv_distance_unweighted": round(float(report["tv_unweighted"]), 6),
             "tv_distance_weighted": round(float(report["tv_weighted"]), 6),
             "manifest": warehouse.link(built["manifest"]),
             "seconds": round(seconds, 3),
-            "preview": markdown_preview(built["kept_preview"]),
-            "removed_preview": markdown_preview(built["removed_preview"]),
+            "preview": table_preview(built["kept_preview"]),
+            "removed_preview": table_preview(built["removed_preview"]),
         }
     )
     if report.get("plot_png"):
-        meta["largest_shifts"] = png_markdown(report["plot_png"], "largest cluster shifts")
+        meta["largest_shifts"] = warehouse.plot(report["plot_png"], "largest cluster shifts", "filtered_dataset_shifts")
     return MaterializeResult(metadata=meta)
 
 

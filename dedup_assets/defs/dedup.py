@@ -65,7 +65,7 @@ from dedup_assets.dedup.kmeans import (
 from dedup_assets.dedup.recall import sampled_true_pairs, streamed_recall
 from dedup_assets.dedup.review_page import GROUPS_PAGE, write_groups_review_html
 from dedup_assets.dedup.verify import VerifyConfig, verify_candidates
-from dedup_assets.defs.metadata import bar_plot_png, markdown_preview, png_markdown
+from dedup_assets.defs.metadata import bar_plot_png, counts_table, table_preview
 from dedup_assets.defs.resources import EmbedderResource, WarehouseResource
 from dedup_assets.tables import (
     CLUSTERINGS_SCHEMA,
@@ -358,9 +358,9 @@ def clusterings(
     }
     if n:
         hist_labels, hist_values = _size_histogram(size_arr)
-        meta["cluster_sizes_plot"] = png_markdown(
+        meta["cluster_sizes_plot"] = warehouse.plot(
             bar_plot_png(hist_labels, hist_values, "cluster sizes (clustering 0)", "images per cluster", "clusters"),
-            "cluster size distribution",
+            "cluster size distribution", "clusterings_cluster_sizes",
         )
     return MaterializeResult(metadata=meta)
 
@@ -509,7 +509,7 @@ def merge_bucket_pairs(
             "comparison_fraction": round(comparisons / all_pairs, 6) if all_pairs else 0.0,
             "merge_seconds": round(seconds, 3),
             "search_seconds_sum": round(sum(bucket_seconds), 3),
-            "preview": markdown_preview(preview),
+            "preview": table_preview(preview),
         }
     )
     return {"pairs": rows, "fit_id": fit.fit_id if fit is not None else None}
@@ -685,7 +685,7 @@ def merge_verification(
         "pairs_per_second": round(checked / seconds, 1) if seconds > 0 else None,
         "ms_per_pair": round(1000 * seconds / checked, 3) if checked else None,
         "images_decoded": sum(int(v.get("images_decoded", 0)) for v in verified),
-        "preview": markdown_preview(preview),
+        "preview": table_preview(preview),
     })
 
 
@@ -744,15 +744,15 @@ def duplicate_groups(
         "sql_rounds": stats["rounds"],
         "finished_in_numpy": stats["residual"],
         "seconds": round(seconds, 3),
-        "largest_groups": markdown_preview(largest),
+        "largest_groups": table_preview(largest),
     }
     sizes = stats["sizes"]
     if sizes:
-        meta["groups_by_size"] = MetadataValue.json({str(a): b for a, b in sizes[:50]})
-        meta["group_size_histogram"] = png_markdown(
+        meta["groups_by_size"] = counts_table({str(a): int(b) for a, b in sizes[:50]}, label="group_size")
+        meta["group_size_histogram"] = warehouse.plot(
             bar_plot_png([str(a) for a, _ in sizes[:30]], [float(b) for _, b in sizes[:30]],
                          "duplicate group sizes", "members", "groups"),
-            "group size histogram",
+            "group size histogram", "duplicate_groups_sizes",
         )
     review = write_review_page(wh, warehouse, dedup.search_tau(embedder))
     if review is not None:

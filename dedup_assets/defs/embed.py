@@ -20,7 +20,7 @@ from dagster import (
     asset_check,
 )
 
-from dedup_assets.defs.metadata import counts_md, markdown_preview
+from dedup_assets.defs.metadata import counts_table, table_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
@@ -116,8 +116,8 @@ def embeddings(
             "model": emb.model_id,
             "dimension": emb.dim,
             "failed_to_decode": fail_df.height,
-            "failures_by_reason": counts_md({r: int(n) for r, n in by_reason}),
-            "failures_preview": markdown_preview(fail_df),
+            "failures_by_reason": counts_table({r: int(n) for r, n in by_reason}),
+            "failures_preview": table_preview(fail_df),
             "missing_from_shard": missing,
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / max(seconds, 1e-9), 1),

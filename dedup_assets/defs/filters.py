@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResu
 from PIL import Image
 from pydantic import Field
 
-from dedup_assets.defs.metadata import counts_md, markdown_preview
+from dedup_assets.defs.metadata import counts_table, table_preview
 from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
 from dedup_assets.defs.resources import WarehouseResource
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
@@ -92,12 +92,12 @@ def prefilter(
             "dagster/row_count": df.height,
             "passed": passed,
             "removed": df.height - passed,
-            "removed_by_reason": counts_md(removed_by),
+            "removed_by_reason": counts_table(removed_by),
             "examples_by_reason": MetadataValue.json(summary.get("examples", {})),
             "thresholds": MetadataValue.json(cfg.describe()),
             "image_rules_skipped_no_image_data": MetadataValue.int(no_image),
             "seconds": round(seconds, 3),
-            "preview": markdown_preview(
+            "preview": table_preview(
                 df.filter(~pl.col("passed")).with_columns(pl.col("reasons").list.join(","))
                 .select("image_id", "reasons", "caption_clean")
             ),

@@ -24,7 +24,7 @@ from dagster import (
     sensor,
 )
 
-from dedup_assets.defs.metadata import counts_md, markdown_preview
+from dedup_assets.defs.metadata import counts_table, table_preview
 from dedup_assets.defs.partitions import (
     SHARD_BACKFILL_POLICY,
     SHARDS_PARTITIONS_NAME,
@@ -103,14 +103,14 @@ def image_index(
             "dagster/row_count": rows,
             "ok": sum(v["ok"] for v in per_shard.values()),
             "rejected": sum(rejected.values()),
-            "rejected_by_reason": counts_md(rejected),
+            "rejected_by_reason": counts_table(rejected),
             "skipped_entries": sum(skipped_by_reason.values()),
-            "skipped_by_reason": counts_md(skipped_by_reason),
+            "skipped_by_reason": counts_table(skipped_by_reason),
             "bytes": sum(v["bytes"] for v in per_shard.values()),
             "seconds": round(seconds, 3),
             "files_per_second": round(rows / max(seconds, 1e-9), 1),
             "shards": MetadataValue.json(per_shard),
-            "preview": markdown_preview(
+            "preview": table_preview(
                 preview.select("image_id", "status", "format", "width", "height", "caption")
             ) if preview is not None else MetadataValue.md("_(no shard)_"),
         }
@@ -150,12 +150,12 @@ def _index_external(context: AssetExecutionContext, dataset: DatasetResource, wh
             "source": MetadataValue.text(f"external embeddings (clip-retrieval layout) under {dataset.root}"),
             "ok": sum(v["ok"] for v in per_part.values()),
             "rejected": sum(rejected.values()),
-            "rejected_by_reason": counts_md({k: v for k, v in rejected.items() if v}),
+            "rejected_by_reason": counts_table({k: v for k, v in rejected.items() if v}),
             "not_unit_norm_renormalized": sum(v["renormalized"] for v in per_part.values()),
             "seconds": round(seconds, 3),
             "rows_per_second": round(rows / max(seconds, 1e-9), 1),
             "partitions": MetadataValue.json(per_part),
-            "preview": markdown_preview(last.select("image_id", "status", "error", "caption", "url"))
+            "preview": table_preview(last.select("image_id", "status", "error", "caption", "url"))
             if last is not None else MetadataValue.md("_(no partition)_"),
         }
     )

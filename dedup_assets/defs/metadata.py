@@ -8,26 +8,24 @@ from typing import Any
 from urllib.parse import quote
 
 import polars as pl
-from dagster import MetadataValue
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
 
-def markdown_preview(df: pl.DataFrame, limit: int = 10, max_chars: int = 60) -> MetadataValue:
-    """A markdown table of the first rows, with long cells shortened and pipes escaped."""
+def _cell(v: Any, max_chars: int) -> str | int | float | bool | None:
+    if isinstance(v, float) and v != v:
+        return None  # NaN has no JSON form
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    text = str(v).replace("\n", " ")
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def table_preview(df: pl.DataFrame, limit: int = 10, max_chars: int = 60) -> MetadataValue:
+    """The first rows as a table the UI shows inline on the asset page (long cells shortened)."""
     head = df.head(limit)
-    if head.height == 0:
-        return MetadataValue.md("_(no rows)_")
-
-    def cell(v: Any) -> str:
-        s = "" if v is None else str(v)
-        s = s.replace("|", "\\|").replace("\n", " ")
-        return s if len(s) <= max_chars else s[: max_chars - 1] + "…"
-
-    lines = ["| " + " | ".join(head.columns) + " |", "|" + "---|" * len(head.columns)]
-    for row in head.iter_rows():
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    if df.height > limit:
-        lines.append(f"\n_{df.height - limit} more rows_")
-    return MetadataValue.md("\n".join(lines))
+    schema = TableSchema(columns=[TableColumn(name=c, type=str(t)) for c, t in head.schema.items()])
+    records = [TableRecord({k: _cell(v, max_chars) for k, v in row.items()}) for row in head.iter_rows(named=True)]
+    return MetadataValue.table(records=records, schema=schema)
 
 
 def png_markdown(png: bytes, alt: str = "plot") -> MetadataValue:
@@ -56,13 +54,26 @@ def bar_plot_png(labels: list[str], values: list[float], title: str, xlabel: str
     return buf.getvalue()
 
 
-def counts_md(counts: dict[str, int]) -> MetadataValue:
-    if not counts:
-        return MetadataValue.md("_(none)_")
-    lines = ["| reason | count |", "|---|---|"]
-    for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"| {k} | {v} |")
-    return MetadataValue.md("\n".join(lines))
+def counts_table(counts: dict[str, int], label: str = "reason") -> MetadataValue:
+    """Counts by reason as an inline table, largest first."""
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return table_preview(pl.DataFrame({label: [k for k, _ in rows], "count": [int(v) for _, v in rows]},
+                                      schema={label: pl.String, "count": pl.Int64}), limit=len(rows) or 1)
+
+
+def plot_metadata(png: bytes, alt: str, out: Path, base_url: str | None, directory: Path) -> MetadataValue:
+    """A plot on the asset page: written to `out` (under the warehouse's _files folder) and, when the
+    folder is served (`base_url`), shown inline by a short markdown image; else embedded as a data URI
+    (the UI then opens it from a "[Show Markdown]" link: markdown over 1,000 characters is not inline)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(png)
+    tmp.replace(out)
+    if base_url:
+        link = file_link(out, directory, base_url)
+        return MetadataValue.md(f"![{alt}]({link.value})")
+    return png_markdown(png, alt)
 
 
 def file_link(path: Path, directory: Path, base_url: str | None) -> MetadataValue:

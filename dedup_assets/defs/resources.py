@@ -42,6 +42,12 @@ class WarehouseResource(ConfigurableResource):
 
         return file_link(path, self.directory, self.report_base_url)
 
+    def plot(self, png: bytes, alt: str, name: str) -> MetadataValue:
+        """A plot for the asset page, kept as `<stem>_files/plots/<name>.png` (`metadata.plot_metadata`)."""
+        from dedup_assets.defs.metadata import plot_metadata
+
+        return plot_metadata(png, alt, self.directory / "plots" / f"{name}.png", self.report_base_url, self.directory)
+
 
 class DatasetResource(ConfigurableResource):
     """Where the data lives: shards of images, or embeddings made elsewhere (clip-retrieval layout),

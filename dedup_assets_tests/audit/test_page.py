@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dedup_assets.audit.page import audit_markdown, write_audit_html
+from dedup_assets.audit.page import best_matches, write_audit_html
 from dedup_assets.audit.search import AUDIT_SCHEMA
 from dedup_assets.html import anchor
 from dedup_assets_tests.page_helpers import EVIL, data_uris, image_files, make_image
@@ -52,14 +52,9 @@ def test_audit_page_is_self_contained_flagged_first_and_escaped(tmp_path: Path) 
     assert "<nav" not in alone and "duplicate_groups.html" not in alone
 
 
-def test_audit_markdown_is_compact_and_flagged_first() -> None:
-    md = audit_markdown(_audit_frame().with_columns(pl.col("generated").str.replace("novel", "no|vel")))
-    lines = md.splitlines()
-    assert lines[0].startswith("| generated |") and len(lines) == 4
-    assert lines[2].startswith("| copy.png | s0/t0 | 0.991 | **yes** | no |")
-    assert "no\\|vel.png" in lines[3]
-    capped = audit_markdown(_audit_frame(), limit=1).splitlines()
-    assert capped[2].startswith("| copy.png |") and capped[-1] == "_1 more generated images_"
-    assert audit_markdown(pl.DataFrame(schema=AUDIT_SCHEMA)) == "_no generated images audited_"
-
-
+def test_best_matches_lists_each_generated_image_once_flagged_first() -> None:
+    best = best_matches(_audit_frame())
+    assert best["generated"].to_list() == ["copy.png", "novel.png"]
+    assert best.row(0, named=True) == {"generated": "copy.png", "nearest_training_image": "s0/t0", "similarity": 0.991,
+                                       "flagged": True, "kept": False, "verdict": "accepted"}
+    assert best_matches(pl.DataFrame(schema=AUDIT_SCHEMA)).height == 0
