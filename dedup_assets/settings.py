@@ -136,8 +136,10 @@ class Settings:
                 f"embedder must be 'offline' or 'openclip', got {self.embedder!r} "
                 f"(set {ENV_EMBEDDER} or --embedder)"
             )
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        from dedup_assets.dedup.kernels import validate_device
+
+        if validate_device(self.device).startswith("cuda:"):  # the resources take auto, cuda or cpu
+            raise ValueError(f"device {self.device!r}: pick the GPU with CUDA_VISIBLE_DEVICES and use 'cuda'")
         if self.min_side < 1:
             raise ValueError(f"min_side must be >= 1, got {self.min_side}")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:

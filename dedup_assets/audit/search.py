@@ -51,7 +51,7 @@ _PANEL_ENTRIES = 1 << 24
 @dataclass(frozen=True)
 class AuditConfig:
     """top_k neighbours per generated image; threshold (cosine) at/above which a neighbour is a
-    near-copy, None → the embedder's duplicate_threshold; batch_rows: training vectors read per
+    near-copy (resolved by `tables.resolve_threshold`; None = not yet resolved); batch_rows: training vectors read per
     batch; device: "cpu", "cuda[:N]" (resolve "auto" before)."""
 
     top_k: int = 5
@@ -68,10 +68,6 @@ class AuditConfig:
             raise ValueError(
                 f"threshold is a cosine similarity in [-1, 1] (or None for the embedder's); got {self.threshold}"
             )
-
-    def resolved_threshold(self, embedder_threshold: float) -> float:
-        """The threshold to flag at: this config's, or else the embedder's calibrated one."""
-        return float(self.threshold if self.threshold is not None else embedder_threshold)
 
 
 @dataclass

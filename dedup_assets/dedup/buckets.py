@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from dedup_assets.dedup.kernels import block_comparisons, block_pairs, resolve_device
+from dedup_assets.embed.base import l2_normalize
 
 __all__ = [
     "BALANCE",
@@ -59,24 +60,19 @@ def choose_n_buckets(n: int, k: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> 
     return int(max(1, min(want, int(k), 1024)))
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float32)
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-
-
 def _super_centroids(c0: np.ndarray, n_buckets: int, seed: int, niter: int = 10) -> np.ndarray:
     """Spherical k-means (numpy; K ≤ 16k points) of clustering 0's centroids into n_buckets."""
     k = c0.shape[0]
     rng = np.random.default_rng(seed)
-    s = _unit(c0[np.sort(rng.choice(k, size=n_buckets, replace=False))])
-    x = _unit(c0)
+    s = l2_normalize(c0[np.sort(rng.choice(k, size=n_buckets, replace=False))])
+    x = l2_normalize(c0)
     for _ in range(niter):
         lab = np.argmax(x @ s.T, axis=1)
         sums = np.zeros_like(s)
         np.add.at(sums, lab, x)
         empty = np.bincount(lab, minlength=n_buckets) == 0
         sums[empty] = s[empty]
-        s = _unit(sums)
+        s = l2_normalize(sums)
     return s
 
 
@@ -107,7 +103,7 @@ def plan_buckets(
             raise ValueError(f"loads must have one value per cluster ({cents.shape[0]}), got {load.shape}")
         load = load + 1e-9  # every cluster counts a little, so empty ones spread too
         room = BALANCE * load.sum() / b
-        pref = np.argsort(-(_unit(cents) @ sup.T), axis=1)  # buckets by closeness, per cluster
+        pref = np.argsort(-(l2_normalize(cents) @ sup.T), axis=1)  # buckets by closeness, per cluster
         filled = np.zeros(b)
         bucket = np.empty(cents.shape[0], np.int32)
         for k in np.argsort(-load, kind="stable"):

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dedup_assets.dedup.kernels import fp32_matmul_precision, resolve_device, validate_device
+from dedup_assets.embed.base import l2_normalize
 
 __all__ = [
     "Clustering",
@@ -158,13 +159,6 @@ def _as_matrix(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D (n, d) array, got shape {x.shape}")
     return x
-
-
-def _unit_rows(c: np.ndarray) -> np.ndarray:
-    c = np.ascontiguousarray(c, dtype=np.float32)
-    norms = np.linalg.norm(c, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return c / norms
 
 
 def _trivial_assignment(n: int, k: int, soft: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -335,15 +329,15 @@ def fit_clusterings(
     for c in range(cfg.n_clusterings):
         t0 = time.perf_counter()
         if k <= 1:
-            centroids = _unit_rows(x.mean(axis=0, keepdims=True)) if n else np.zeros((0, d), np.float32)
+            centroids = l2_normalize(x.mean(axis=0, keepdims=True)) if n else np.zeros((0, d), np.float32)
         else:
             rng = np.random.default_rng(cfg.seed + c)
             subset = np.sort(rng.choice(n, size=subset_size, replace=False)) if subset_size < n else None
             train = x[subset] if subset is not None else x
             if device == "cpu":
-                centroids = _unit_rows(_faiss_kmeans(train, k, cfg.niter, int(cfg.seed + c)))
+                centroids = l2_normalize(_faiss_kmeans(train, k, cfg.niter, int(cfg.seed + c)))
             else:
-                centroids = _unit_rows(_torch_kmeans(train, k, cfg.niter, int(cfg.seed + c), device))
+                centroids = l2_normalize(_torch_kmeans(train, k, cfg.niter, int(cfg.seed + c), device))
         fit_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         labels, labels2 = assign(x, centroids, cfg.soft, device=device)
@@ -382,11 +376,11 @@ def fit_centroids(
     k = max(1, min(int(k), n))
     resolved = resolve_device(device)
     if k == 1:
-        centroids = _unit_rows(train.mean(axis=0, keepdims=True))
+        centroids = l2_normalize(train.mean(axis=0, keepdims=True))
     elif resolved == "cpu":
-        centroids = _unit_rows(_faiss_kmeans(train, k, niter, int(seed)))
+        centroids = l2_normalize(_faiss_kmeans(train, k, niter, int(seed)))
     else:
-        centroids = _unit_rows(_torch_kmeans(train, k, niter, int(seed), resolved))
+        centroids = l2_normalize(_torch_kmeans(train, k, niter, int(seed), resolved))
     labels, _ = assign(train, centroids, soft=False, device=resolved)
     return centroids, np.bincount(labels, minlength=centroids.shape[0]).astype(np.int64)
 
@@ -462,7 +456,7 @@ def split_large_clusters(
     (centroids, training points per centroid).
     """
     train = _as_matrix(train)
-    cents = _unit_rows(centroids)
+    cents = l2_normalize(centroids)
     for r in range(max_rounds):
         labels, _ = assign(train, cents, soft=False, device=device)
         load = np.bincount(labels, minlength=cents.shape[0])

@@ -18,7 +18,7 @@ from dedup_assets import tables
 from dedup_assets.curate.export import export_shards
 from dedup_assets.curate.reweight import ReweightConfig, cluster_weights, report_from_counts
 from dedup_assets.defs.metadata import counts_table, table_preview
-from dedup_assets.defs.resources import WarehouseResource
+from dedup_assets.defs.resources import WarehouseResource, config_from
 
 GROUP = "curate"
 
@@ -50,9 +50,7 @@ def filtered_dataset(
 ) -> MaterializeResult:
     wh = warehouse.get()
     started = time.perf_counter()
-    cfg = ReweightConfig(
-        clustering=curate.reweight_clustering, min_weight=curate.min_weight, max_weight=curate.max_weight
-    )
+    cfg = config_from(curate, ReweightConfig, clustering=curate.reweight_clustering)
     out_dir = warehouse.directory
     built = tables.build_filtered_dataset(
         wh, cfg.clustering, lambda counts: cluster_weights(counts, cfg), out_dir / "filtered_dataset.parquet"

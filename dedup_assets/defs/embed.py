@@ -16,18 +16,16 @@ from dagster import (
     AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
-    asset,
     asset_check,
 )
 
 from dedup_assets.defs.metadata import counts_table, table_preview
-from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
+from dedup_assets.defs.partitions import per_shard_asset
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
 from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, iter_ok_vectors, open_vectors
 from dedup_assets.ingest.shards import ReadLimits, Shard, find_shard, iter_shard
 from dedup_assets.tables import (
-    column_schema,
     delete_embeddings,
     embedding_store,
     ensure_embeddings,
@@ -50,11 +48,9 @@ def _ok_records(shard: Shard, ok_ids: set[str], limits: ReadLimits) -> Iterator[
             yield image_id, rec.data
 
 
-@asset(
-    partitions_def=shards_partitions,
-    backfill_policy=SHARD_BACKFILL_POLICY,
-    group_name=GROUP,
-    metadata={"dagster/column_schema": column_schema("embeddings")},
+@per_shard_asset(
+    "embeddings",
+    GROUP,
     deps=["image_index"],
     pool="gpu",
     kinds={"parquet", "pytorch"},

@@ -4,18 +4,18 @@
 import time
 
 import polars as pl
-from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResult, MetadataValue
 from PIL import Image
 from pydantic import Field
 
 from dedup_assets.defs.metadata import counts_table, table_preview
-from dedup_assets.defs.partitions import SHARD_BACKFILL_POLICY, shards_partitions
-from dedup_assets.defs.resources import WarehouseResource
+from dedup_assets.defs.partitions import per_shard_asset
+from dedup_assets.defs.resources import WarehouseResource, config_from
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
 from dedup_assets.ingest.decode import decode_rgb
 from dedup_assets.ingest.shards import read_location
-from dedup_assets.tables import column_schema, read_image_index
+from dedup_assets.tables import read_image_index
 
 GROUP = "filters"
 
@@ -34,26 +34,16 @@ class PrefilterResource(ConfigurableResource):
     nsfw_threshold: float = Field(default=0.3, description="Lower removes more (biased toward removal).")
 
     def config(self) -> PrefilterConfig:
-        return PrefilterConfig(
-            min_side=self.min_side,
-            max_aspect_ratio=self.max_aspect_ratio,
-            max_file_bytes=self.max_file_bytes,
-            languages=tuple(self.languages) if self.languages else None,
-            profanity=self.profanity,
-            nsfw=self.nsfw,
-            nsfw_threshold=self.nsfw_threshold,
-        )
+        return config_from(self, PrefilterConfig, languages=tuple(self.languages) if self.languages else None)
 
 
 def _load_image(location: str) -> Image.Image:
     return decode_rgb(read_location(location), target_side=320)
 
 
-@asset(
-    partitions_def=shards_partitions,
-    backfill_policy=SHARD_BACKFILL_POLICY,
-    group_name=GROUP,
-    metadata={"dagster/column_schema": column_schema("prefilter")},
+@per_shard_asset(
+    "prefilter",
+    GROUP,
     deps=["image_index"],
     pool="gpu",
     kinds={"duckdb", "python"},

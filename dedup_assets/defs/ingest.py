@@ -16,7 +16,6 @@ from dagster import (
     ScheduleDefinition,
     SensorEvaluationContext,
     SensorResult,
-    asset,
     asset_check,
     define_asset_job,
     job,
@@ -26,8 +25,8 @@ from dagster import (
 
 from dedup_assets.defs.metadata import counts_table, table_preview
 from dedup_assets.defs.partitions import (
-    SHARD_BACKFILL_POLICY,
     SHARDS_PARTITIONS_NAME,
+    per_shard_asset,
     register_shards_on,
     shards_partitions,
     unregistered_shards,
@@ -37,17 +36,15 @@ from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_pa
 from dedup_assets.ingest.clip_retrieval import index_frame as clip_index_frame
 from dedup_assets.ingest.index import index_shard, skipped_frame, summarize_index
 from dedup_assets.ingest.shards import RejectedShard, Skipped, discover_shards, escape, find_shard
-from dedup_assets.tables import column_schema, write_image_index, write_skipped_entries
+from dedup_assets.tables import write_image_index, write_skipped_entries
 from dedup_assets.warehouse import Warehouse
 
 GROUP = "ingest"
 
 
-@asset(
-    partitions_def=shards_partitions,
-    backfill_policy=SHARD_BACKFILL_POLICY,
-    group_name=GROUP,
-    metadata={"dagster/column_schema": column_schema("image_index")},
+@per_shard_asset(
+    "image_index",
+    GROUP,
     kinds={"duckdb", "python"},
     description=(
         "One row per file found in the shard, including files that fail to decode: image_id "

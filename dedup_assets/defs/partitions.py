@@ -25,3 +25,20 @@ def register_shards_on(instance, keys) -> list[str]:  # noqa: ANN001
     if new:
         instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
     return new
+
+
+def per_shard_asset(name: str, group: str, **kwargs):  # noqa: ANN003, ANN201
+    """`@asset` for a per-shard table: partitioned by shard, backfilled up to 8 shards per run, in
+    `group`, with the catalog's column schema of table `name` (every per-shard asset is one)."""
+    from dagster import asset
+
+    from dedup_assets.tables import column_schema
+
+    return asset(
+        name=name,
+        partitions_def=shards_partitions,
+        backfill_policy=SHARD_BACKFILL_POLICY,
+        group_name=group,
+        metadata={"dagster/column_schema": column_schema(name)},
+        **kwargs,
+    )

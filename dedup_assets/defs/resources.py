@@ -1,6 +1,7 @@
 """Resources shared by every stage: the warehouse, the dataset location, and the embedder."""
 
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,15 @@ from dedup_assets.ingest.decode import DecodeLimits
 from dedup_assets.ingest.shards import ReadLimits
 from dedup_assets.settings import Settings
 from dedup_assets.warehouse import Warehouse
+
+
+def config_from(resource: ConfigurableResource, cls: type, **overrides):  # noqa: ANN201
+    """A plain config dataclass `cls` filled from the resource's fields of the same names, then
+    `overrides` (renamed or converted fields): one place that copies launchpad values into the pure
+    modules' configs."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {n: getattr(resource, n) for n in type(resource).model_fields if n in fields}
+    return cls(**{**values, **overrides})
 
 
 class WarehouseResource(ConfigurableResource):
@@ -178,16 +188,7 @@ class EmbedderResource(ConfigurableResource):
             return OfflineEmbedder()
         from dedup_assets.embed.openclip import OpenClipConfig, OpenClipEmbedder
 
-        emb = OpenClipEmbedder(
-            OpenClipConfig(
-                model=self.model,
-                pretrained=self.pretrained,
-                device=self.device,
-                precision=self.precision,
-                batch_size=self.batch_size,
-                allow_random=self.allow_random_weights,
-            )
-        )
+        emb = OpenClipEmbedder(config_from(self, OpenClipConfig, allow_random=self.allow_random_weights))
         emb.load()
         return emb
 

@@ -107,8 +107,9 @@ class OpenClipConfig:
                     f"{open_clip.list_pretrained_tags_by_model(self.model) or 'none'}. "
                     f"For a checkpoint file, pass its path."
                 )
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
+        from dedup_assets.dedup.kernels import validate_device
+
+        validate_device(self.device)  # one rule for every device string (also "cuda:N")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
         if self.batch_size < 1:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -226,30 +226,3 @@ def profanity_fails(score: float, cfg: PrefilterConfig) -> bool:
 
 def language_fails(score: LanguageScore, cfg: PrefilterConfig) -> bool:
     return score.language is not None and score.allowed_confidence < cfg.min_language_confidence
-
-
-def caption_reasons(caption: str | None, cfg: PrefilterConfig) -> tuple[list[str], dict[str, Any]]:
-    """Every caption reason for one caption, and the scores behind them.
-
-    Scores: caption_clean (the repaired caption), profanity (0..1), language (ISO 639-1 code),
-    language_confidence (0..1); None where the filter is off or there is no text to judge.
-    `run_prefilter` does the same over a whole frame with one batch call per model.
-    """
-    clean = fix_caption(caption)
-    reasons = rule_reasons(clean, cfg)
-    scores: dict[str, Any] = {"caption_clean": clean, "profanity": None, "language": None, "language_confidence": None}
-    if not clean:
-        return reasons, scores
-    if cfg.profanity:
-        p = float(profanity_scores([clean])[0])
-        scores["profanity"] = p
-        if profanity_fails(p, cfg):
-            reasons.append("caption_profanity")
-    text = language_text(clean)
-    if cfg.languages is not None and text:
-        s = language_scores([text], cfg)[0]
-        if s.language is not None:
-            scores["language"], scores["language_confidence"] = s.language, s.confidence
-        if language_fails(s, cfg):
-            reasons.append("caption_language")
-    return reasons, scores

@@ -76,7 +76,7 @@ def test_copies_are_flagged_novel_images_are_not(tmp_path: Path) -> None:
     gen_x = tiny_embed([Image.open(f[1]) for f in found])
     cfg = AuditConfig(top_k=3)
     top = streamed_top_k(gen_x, batches(train_ids, train_x, 7), cfg.top_k)
-    table = audit_table(gen_ids, [f[2] for f in found], top, kept, cfg.resolved_threshold(0.9))
+    table = audit_table(gen_ids, [f[2] for f in found], top, kept, 0.9)
 
     assert table.schema == pl.Schema(AUDIT_SCHEMA)
     assert table.height == 4 * 3
@@ -95,9 +95,7 @@ def test_copies_are_flagged_novel_images_are_not(tmp_path: Path) -> None:
     assert top["copy_a.png"]["prompt"] == "a prompt that <script>leaks</script>"
 
 
-def test_threshold_resolution_and_validation() -> None:
-    assert AuditConfig().resolved_threshold(0.93) == 0.93
-    assert AuditConfig(threshold=0.8).resolved_threshold(0.93) == 0.8
+def test_config_validation() -> None:
     with pytest.raises(ValueError, match="top_k"):
         AuditConfig(top_k=0)
     with pytest.raises(ValueError, match="cosine"):

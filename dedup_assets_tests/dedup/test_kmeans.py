@@ -14,6 +14,7 @@ from dedup_assets.dedup.kmeans import (
     fit_clusterings,
 )
 from dedup_assets.dedup import kmeans
+from dedup_assets.embed.base import l2_normalize
 from dedup_assets.dedup.synthetic import make_embeddings
 
 
@@ -147,8 +148,8 @@ def test_torch_kmeans_matches_faiss_from_the_same_start_on_separated_data() -> N
     pytest.importorskip("torch")
     x, truth = _blobs(8, 150, 32, 0.05, seed=0)
     init = x[[150 * b + 3 for b in range(8)]]  # one start per blob
-    c_faiss = kmeans._unit_rows(kmeans._faiss_kmeans(x, 8, 10, seed=0, init=init.copy()))
-    c_torch = kmeans._unit_rows(kmeans._torch_kmeans(x, 8, 10, seed=0, device="cpu", init=init.copy()))
+    c_faiss = l2_normalize(kmeans._faiss_kmeans(x, 8, 10, seed=0, init=init.copy()))
+    c_torch = l2_normalize(kmeans._torch_kmeans(x, 8, 10, seed=0, device="cpu", init=init.copy()))
     np.testing.assert_allclose(c_torch, c_faiss, atol=1e-4)
     l_faiss, _ = assign(x, c_faiss, soft=False, device="cpu")
     l_torch = kmeans._torch_assign_many(x, [c_torch], soft=False, device="cpu")[0][0]
@@ -166,7 +167,7 @@ def test_torch_kmeans_inertia_is_close_to_faiss_on_random_data() -> None:
         return float(np.mean(np.max(x @ c.T, axis=1)))
 
     for seed in (0, 1):
-        f = objective(kmeans._unit_rows(kmeans._faiss_kmeans(x, 32, 15, seed=seed)))
+        f = objective(l2_normalize(kmeans._faiss_kmeans(x, 32, 15, seed=seed)))
         t_c = kmeans._torch_kmeans(x, 32, 15, seed=seed, device="cpu")
         np.testing.assert_allclose(np.linalg.norm(t_c, axis=1), 1.0, atol=1e-5)
         t = objective(t_c)
@@ -182,7 +183,7 @@ def test_assign_many_equals_one_assign_per_clustering_on_both_backends() -> None
     pytest.importorskip("torch")
     x, _ = make_embeddings(3000, d=64, seed=2)
     rng = np.random.default_rng(3)
-    sets = [kmeans._unit_rows(x[rng.choice(len(x), k, replace=False)]) for k in (16, 7, 1, 40)]
+    sets = [l2_normalize(x[rng.choice(len(x), k, replace=False)]) for k in (16, 7, 1, 40)]
     for soft in (True, False):
         many = assign_many(x, sets, soft=soft, device="cpu")
         torch_many = kmeans._torch_assign_many(x, sets[:2] + sets[3:], soft=soft, device="cpu")
@@ -220,15 +221,20 @@ def test_gpu_kmeans_and_assignment_match_the_cpu() -> None:
         pytest.skip("no CUDA GPU")
     x, truth = _blobs(8, 500, 64, 0.05, seed=0)
     init = x[[500 * b + 3 for b in range(8)]]
-    c_cpu = kmeans._unit_rows(kmeans._faiss_kmeans(x, 8, 10, seed=0, init=init.copy()))
-    c_gpu = kmeans._unit_rows(kmeans._torch_kmeans(x, 8, 10, seed=0, device="cuda", init=init.copy()))
+    c_cpu = l2_normalize(kmeans._faiss_kmeans(x, 8, 10, seed=0, init=init.copy()))
+    c_gpu = l2_normalize(kmeans._torch_kmeans(x, 8, 10, seed=0, device="cuda", init=init.copy()))
     np.testing.assert_allclose(c_gpu, c_cpu, atol=1e-4)
     y, _ = make_embeddings(20000, d=64, seed=1)
-    sets = [c_cpu, kmeans._unit_rows(y[:300])]
+    sets = [c_cpu, l2_normalize(y[:300])]
     for (g1, g2), (c1, c2) in zip(assign_many(y, sets, True, "cuda"), assign_many(y, sets, True, "cpu")):
         assert np.mean(g1 == c1) > 0.9999 and np.mean(g2 == c2) > 0.999
+    # a whole fit on the GPU is as good as the CPU's: same mean similarity of a row to its centroid
     fitted = fit_clusterings(y, ClusteringConfig(n_clusterings=2, k=32, niter=5, device="cuda"))
-    assert all(c.labels.shape == (20000,) and c.k == 32 for c in fitted)
+    on_cpu = fit_clusterings(y, ClusteringConfig(n_clusterings=2, k=32, niter=5, device="cpu"))
+    for g, c in zip(fitted, on_cpu):
+        fit_g = float((y * g.centroids[g.labels]).sum(1).mean())
+        fit_c = float((y * c.centroids[c.labels]).sum(1).mean())
+        assert g.labels.shape == c.labels.shape == (20000,) and abs(fit_g - fit_c) < 0.01 * abs(fit_c), (fit_g, fit_c)
 
 
 def test_split_large_clusters_bounds_the_largest_cluster() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from dedup_assets.filters.caption import (
-    caption_reasons,
     fix_caption,
     language_scores,
     profanity_scores,
@@ -13,8 +12,17 @@ from dedup_assets.filters.caption import (
     tokenize_caption,
 )
 from dedup_assets.filters.config import PrefilterConfig
+from dedup_assets.filters.run import run_prefilter
+from dedup_assets_tests.filters.conftest import index_frame
 
 CFG = PrefilterConfig()
+
+
+def caption_reasons(caption: str, cfg: PrefilterConfig) -> tuple[list[str], dict]:
+    """The caption reasons and scores the real pre-filter gives a 640x480 JPEG with this caption."""
+    row = run_prefilter(index_frame([{"caption": caption}]), cfg).row(0, named=True)
+    scores = {k: row[k] for k in ("caption_clean", "profanity", "language", "language_confidence")}
+    return [r for r in row["reasons"] if r.startswith("caption")], scores
 GOOD = "a brown dog running across a green field on a sunny day"
 FRENCH = "un paysage tranquille avec des collines vertes sous un ciel bleu"
 GERMAN = "eine ruhige Landschaft mit grünen Hügeln unter einem blauen Himmel"
