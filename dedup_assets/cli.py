@@ -365,18 +365,18 @@ def _check_results(result) -> list[tuple[str, bool]]:  # noqa: ANN001
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from dedup_assets.sample_data import write_sample_dataset
+    from dedup_assets.synth.datasets import sample_dataset
 
-    info = write_sample_dataset(Path(args.out), Path(args.generated_out) if args.generated_out else None)
+    info = sample_dataset(Path(args.out), Path(args.generated_out) if args.generated_out else None).counts()
     _print(f"wrote sample dataset: {info}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dedup_assets.sample_data import write_sample_dataset
+    from dedup_assets.synth.datasets import sample_dataset
 
     data = Path(args.data)
-    info = write_sample_dataset(data / "sample", data / "generated")
+    info = sample_dataset(data / "sample", data / "generated").counts()
     _print(f"sample dataset: {info}")
     ns = argparse.Namespace(
         source=str(data / "sample"),
