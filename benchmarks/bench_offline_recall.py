@@ -122,6 +122,8 @@ def detector_figures(a: argparse.Namespace, emb: OfflineEmbedder, cs_a: CopySet,
     from dedup_assets.dedup.verify import VerifyConfig, extract_features
 
     margins = [float(m) for m in a.margins.split(",") if m.strip()]
+    # --bands "0.1:0.3:10,…": every pair ≥ τ − 0.1, plus each image's 10 most similar down to τ − 0.3
+    bands = [tuple(float(v) if n < 2 else int(v) for n, v in enumerate(b.split(":"))) for b in a.bands.split(",") if b.strip()]
     sets = [("A", a.seed, cs_a, x_a)]
     for seed in [int(v) for v in a.heldout_seeds.split(",") if v.strip()]:
         cs_b = make_heldout_set(a.heldout_bases, a.copies, seed=seed)
@@ -133,21 +135,24 @@ def detector_figures(a: argparse.Namespace, emb: OfflineEmbedder, cs_a: CopySet,
     print("  generator A = synth.copyset (PIL; the embedder and the verifier were fitted on its seeds "
           f"{sorted({s for _, (g, ss) in FIT_SETS.items() if g == 'A' for s in ss})}); "
           "B = synth.heldout (package photographs and icons, OpenCV drawings and edits; fitted on nothing)")
-    print(f"{'gen':<4}{'seed':>5}{'notion':>16}{'margin':>8}{'cand/img':>9}{'P':>7}{'R':>7}{'vectors best R@P≥.95':>22}"
-          f"{'min edit R':>12}{'ms/pair':>9}")
+    print(f"{'gen':<4}{'seed':>5}{'notion':>16}{'margin':>16}{'cand/img':>9}{'P':>7}{'R':>7}{'vectors best R@P≥.95':>22}"
+          f"{'min edit R':>12}{'3-edit R':>9}{'ms/pair':>9}")
     for gen, seed, cs, x in sets:
         vec_best = best_recall_at_precision(x, cs.origin)[0]
         t0 = time.perf_counter()
         feats = [extract_features(im, VerifyConfig()) for im in cs.images]  # keypoints do not depend on the notion
         kp_rate = len(cs.images) / (time.perf_counter() - t0)
-        for notion in ("copy", "near_duplicate"):
-            for m in margins:
-                r = verified_detector(cs, x, tau, m, notion=notion, features=feats)
-                r.update(generator=gen, seed=seed, vectors_best_recall_at_p95=vec_best, keypoint_images_per_s=kp_rate)
-                single = {k: v for k, v in r["per_edit"].items() if "edits" not in k}
-                print(f"{gen:<4}{seed:>5}{notion:>16}{m:>8.2f}{r['candidates_per_image']:>9.1f}{r['precision']:>7.3f}"
-                      f"{r['recall']:>7.3f}{vec_best:>22.3f}{min(single.values()):>12.2f}{r['ms_per_pair']:>9.2f}")
-                out.append(r)
+        runs = [(notion, m, None) for notion in ("copy", "near_duplicate") for m in margins]
+        runs += [("copy", bm, (bw, bk)) for bm, bw, bk in bands]
+        for notion, m, band in runs:
+            r = verified_detector(cs, x, tau, m, notion=notion, features=feats, band=band)
+            r.update(generator=gen, seed=seed, vectors_best_recall_at_p95=vec_best, keypoint_images_per_s=kp_rate)
+            single = {k: v for k, v in r["per_edit"].items() if "edits" not in k}
+            label = f"{m:.2f}" if band is None else f"{m:.2f}+top{band[1]}@{band[0]:.2f}"
+            print(f"{gen:<4}{seed:>5}{notion:>16}{label:>16}{r['candidates_per_image']:>9.1f}{r['precision']:>7.3f}"
+                  f"{r['recall']:>7.3f}{vec_best:>22.3f}{min(single.values()):>12.2f}"
+                  f"{r['per_edit'].get('3 edits', float('nan')):>9.2f}{r['ms_per_pair']:>9.2f}")
+            out.append(r)
     last = [r for r in out if r["generator"] == "B" and r["notion"] == "copy"]
     if last:
         best = max(last, key=lambda r: r["recall"] if r["precision"] >= 0.95 else -1)
@@ -168,6 +173,8 @@ def main() -> None:
     ap.add_argument("--heldout-seeds", default="1,2", help="generator B (synth.heldout) seeds for the detector; '' for none")
     ap.add_argument("--heldout-bases", type=int, default=140)
     ap.add_argument("--margins", default="0,0.1,0.2,0.3", help="search thresholds τ − margin for the verified detector")
+    ap.add_argument("--bands", default="0.1:0.3:5,0.1:0.3:10,0.1:0.3:20",
+                    help="margin:band_margin:k — all pairs ≥ τ − margin plus each image's k most similar down to τ − band_margin")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = ap.parse_args()
     if a.quick:

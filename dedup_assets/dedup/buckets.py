@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from dedup_assets.dedup.kernels import block_comparisons, block_pairs, resolve_device
+from dedup_assets.dedup.pairs import band_keep
 from dedup_assets.embed.base import l2_normalize
 
 __all__ = [
@@ -297,6 +298,7 @@ def bucket_pair_chunks(
     device: str = "cpu",
     is_new: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    band: tuple[float, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Every pair ≥ threshold of vectors that share a cluster of this bucket, one cluster at a time.
 
@@ -309,6 +311,8 @@ def bucket_pair_chunks(
     parallel (one per (vector, clustering)); cluster ids < 0 are not in this bucket. With
     `is_new` (bool per vector) only pairs with at least one new vector are returned.
     `progress(done, total)` is called after each clustering; `stats` counts the work.
+    With `band` = (hi, k), pairs below hi (down to threshold) are kept only when among the k most
+    similar of either image within the cluster (`pairs.band_keep`): bounded candidates far below τ.
     """
     vec = np.asarray(vec, dtype=np.int64)
     clustering = np.asarray(clustering, dtype=np.int64)
@@ -347,6 +351,9 @@ def bucket_pair_chunks(
                 gi, gj = rows[i], rows[j]
                 stats.comparisons += block_comparisons(rows.size, None, block_size)
             stats.clusters_searched += 1
+            if band is not None and gi.size:
+                keep = band_keep(gi, gj, sim, band[0], band[1])
+                gi, gj, sim = gi[keep], gj[keep], sim[keep]
             if gi.size:
                 yield (np.minimum(gi, gj).astype(np.int32), np.maximum(gi, gj).astype(np.int32),
                        np.asarray(sim, dtype=np.float32), np.full(gi.size, 1 << c, np.uint8))
@@ -384,11 +391,13 @@ def search_bucket(
     device: str = "cpu",
     is_new: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    band: tuple[float, int] | None = None,
 ) -> BucketPairs:
     """`bucket_pair_chunks` collected in memory: every pair once (for small buckets and tests)."""
     stats = BucketStats()
     chunks = list(bucket_pair_chunks(take, vec, clustering, cluster, cluster2, threshold, stats,
-                                     block_size=block_size, device=device, is_new=is_new, progress=progress))
+                                     block_size=block_size, device=device, is_new=is_new, progress=progress,
+                                     band=band))
     vi, vj, sim, fb = union_chunks(chunks)
     return BucketPairs(vi, vj, sim, fb, int(stats.comparisons), int(stats.clusters_searched),
                        int(stats.largest_cluster))

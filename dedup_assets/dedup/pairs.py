@@ -22,6 +22,7 @@ from dedup_assets.dedup.kmeans import _as_matrix  # one validation of (n, d) flo
 
 __all__ = [
     "Pairs",
+    "band_keep",
     "brute_force_pairs",
     "pairs_within_clusters",
     "union_pairs",
@@ -177,3 +178,29 @@ def brute_force_pairs(x: np.ndarray, threshold: float, block_size: int = 4096, d
     comparisons = _search(x, None, threshold, block_size, resolve_device(device), out) if x.shape[0] >= 2 else 0
     i, j, sim = _concat(out)
     return _sorted_pairs(i, j, sim, np.zeros(i.shape[0], np.uint8), comparisons)
+
+
+def band_keep(i: np.ndarray, j: np.ndarray, sim: np.ndarray, hi: float, k: int) -> np.ndarray:
+    """Which pairs to keep when the search reaches below `hi` into a band: every pair ≥ hi, and a
+    pair in the band (< hi) only when it is among the k most similar band pairs of i or of j.
+
+    This bounds the band's pairs to at most 2·k per image of the scope searched (one cluster), so a
+    recall-oriented search far below τ costs in proportion to N rather than to the density of the
+    band. Ties rank by the other end's index (deterministic). k = 0 keeps no band pair."""
+    i, j, sim = np.asarray(i), np.asarray(j), np.asarray(sim)
+    keep = sim >= hi
+    band = np.flatnonzero(~keep)
+    if k <= 0 or band.size == 0:
+        return keep
+    ends = np.concatenate([i[band], j[band]])
+    other = np.concatenate([j[band], i[band]])
+    s = np.concatenate([sim[band], sim[band]])
+    which = np.concatenate([band, band])
+    order = np.lexsort((other, -s, ends))  # by end, then most similar first
+    ends_sorted = ends[order]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = ends_sorted[1:] != ends_sorted[:-1]
+    start = np.maximum.accumulate(np.where(first, np.arange(order.size), 0))
+    rank = np.arange(order.size) - start
+    keep[which[order[rank < k]]] = True
+    return keep

@@ -161,6 +161,15 @@ class DedupResource(ConfigurableResource):
         description="With verification on, candidates are searched at τ minus this (cosine units), so that "
         "copies the vectors put just below τ reach the verifier.",
     )
+    band_margin: float = Field(
+        default=0.3,
+        description="With verification on, each image's band_top_k most similar neighbours (within a shared "
+        "cluster) down to τ minus this (cosine units) are candidates too: copies far below τ reach the verifier "
+        "at a cost bounded per image.",
+    )
+    band_top_k: int = Field(
+        default=10, description="Neighbours per image taken from the band below τ − verify_margin (0 = no band)."
+    )
     verify_pairs_per_step: int = Field(
         default=20_000, description="Candidate pairs per verification step (the fan-out of verified_pairs)."
     )
@@ -178,8 +187,16 @@ class DedupResource(ConfigurableResource):
         return self.verify == "on"
 
     def search_tau(self, embedder: EmbedderResource) -> float:
-        """The cosine at which candidate_pairs is searched (τ, or τ − verify_margin when verifying)."""
+        """The cosine down to which every pair is a candidate (τ, or τ − verify_margin when verifying)."""
         return search_threshold(self.tau(embedder), self.verifying(embedder), self.verify_margin)
+
+    def band(self, embedder: EmbedderResource) -> tuple[float, float, int] | None:
+        """(floor, hi, k) of the band searched below search_tau, or None (no verification, or k = 0)."""
+        if not self.verifying(embedder) or self.band_top_k <= 0:
+            return None
+        hi = self.search_tau(embedder)
+        floor = search_threshold(self.tau(embedder), True, max(self.band_margin, self.verify_margin))
+        return (floor, hi, int(self.band_top_k)) if floor < hi else None
 
     def verify_config(self) -> VerifyConfig:
         return VerifyConfig(notion=self.notion)
@@ -410,7 +427,9 @@ def search_bucket(
     t0 = time.perf_counter()
     wh = warehouse.get()
     fit = read_fit(wh)
-    tau = dedup.search_tau(embedder)
+    band = dedup.band(embedder)
+    tau = band[0] if band else dedup.search_tau(embedder)
+    band_args = (band[1], band[2]) if band else None
     if fit is None or bucket < 0:
         return {"bucket": bucket, "vectors": 0, "pairs": 0, "new_pairs": 0, "comparisons": 0, "seconds": 0.0,
                 "mode": "empty"}
@@ -423,7 +442,7 @@ def search_bucket(
     is_new = None
     mode = "full"
     if (manifest and manifest.get("fit_id") == fit.fit_id and manifest.get("threshold") == tau
-            and files.pairs_path(fit.fit_id, bucket).exists()):
+            and manifest.get("band") == (list(band_args) if band_args else None) and files.pairs_path(fit.fit_id, bucket).exists()):
         before = manifest.get("stamps", {})
         dirty = {stem_part[s] for s, st in data.stamps.items() if before.get(s) != st}
         dirty |= {manifest.get("partitions", {}).get(s, "") for s in set(before) - set(data.stamps)}
@@ -449,12 +468,13 @@ def search_bucket(
         if is_new is None or is_new.any():
             for chunk in bucket_pair_chunks(
                 data.vectors.take, ent["vec"], ent["clustering"], ent["cluster"], ent["cluster2"], tau, stats,
-                block_size=dedup.block_size, device=dedup.device, is_new=is_new, progress=progress,
+                block_size=dedup.block_size, device=dedup.device, is_new=is_new, progress=progress, band=band_args,
             ):
                 spill.add(*chunk)
         n_new, n_total = spill.finish(
             data.ids, data.partitions, data.partition_of,
-            {"fit_id": fit.fit_id, "threshold": tau, "stamps": data.stamps, "partitions": stem_part},
+            {"fit_id": fit.fit_id, "threshold": tau, "band": list(band_args) if band_args else None,
+             "stamps": data.stamps, "partitions": stem_part},
             old_dirty=old_dirty,
         )
     finally:
@@ -499,6 +519,9 @@ def merge_bucket_pairs(
             "mode": "incremental" if modes == {"incremental"} else ("empty" if modes <= {"empty"} else "full"),
             "new_pairs": sum(int(s.get("new_pairs", 0)) for s in searched),
             "threshold": dedup.search_tau(embedder),
+            "band": MetadataValue.text(
+                f"each image's {b[2]} most similar pairs per cluster in [{b[0]:.3f}, {b[1]:.3f})" if (b := dedup.band(embedder))
+                else "none"),
             "buckets": len(searched),
             "bucket_seconds": MetadataValue.json(bucket_seconds),
             "bucket_vectors": MetadataValue.json([int(s.get("vectors", 0)) for s in sorted(searched, key=lambda s: s["bucket"])]),

@@ -133,15 +133,16 @@ def _seo_reason(caption: str, cfg: PrefilterConfig) -> bool:
     )
 
 
-def rule_reasons(caption: str | None, cfg: PrefilterConfig) -> list[str]:
+def rule_reasons(caption: str | None, cfg: PrefilterConfig, tokens: CaptionTokens | None = None) -> list[str]:
     """The model-free caption rules on an already repaired caption, in a fixed order.
 
     A missing or blank caption fails `caption_missing` only; otherwise every rule that fails is
-    listed (a tag-only caption is both `caption_hashtags` and `caption_short`).
+    listed (a tag-only caption is both `caption_hashtags` and `caption_short`). `tokens`: the
+    caption's `tokenize_caption`, when the caller has it already (it is the costly part).
     """
     if caption is None or not caption.strip():
         return ["caption_missing"]
-    tok = tokenize_caption(caption)
+    tok = tokens if tokens is not None else tokenize_caption(caption)
     reasons: list[str] = []
     n_words = len(tok.words)
     if n_words < cfg.caption_min_words:
@@ -161,10 +162,10 @@ def rule_reasons(caption: str | None, cfg: PrefilterConfig) -> list[str]:
     return reasons
 
 
-def language_text(caption: str) -> str:
+def language_text(caption: str, tokens: CaptionTokens | None = None) -> str:
     """The words of a repaired caption without tags, handles, links and file names: what the
     language detector should judge."""
-    return " ".join(tokenize_caption(caption).words)
+    return " ".join((tokens if tokens is not None else tokenize_caption(caption)).words)
 
 
 def profanity_scores(texts: Sequence[str]) -> np.ndarray:

@@ -33,6 +33,7 @@ from dedup_assets.filters.caption import (
     profanity_fails,
     profanity_scores,
     rule_reasons,
+    tokenize_caption,
 )
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.image import image_reasons
@@ -127,6 +128,7 @@ def run_prefilter(
     lang: list[str | None] = [None] * n
     conf: list[float | None] = [None] * n
     nsfw: list[float | None] = [None] * n
+    words: list[str | None] = [None] * n
 
     ok: list[int] = []
     for i in range(n):
@@ -147,7 +149,10 @@ def run_prefilter(
             reasons[i].append("error:image")
         try:
             clean[i] = fix_caption(col["caption"][i])
-            reasons[i] += rule_reasons(clean[i], cfg)
+            tokens = tokenize_caption(clean[i]) if clean[i] and clean[i].strip() else None
+            reasons[i] += rule_reasons(clean[i], cfg, tokens)
+            if tokens is not None:
+                words[i] = language_text(clean[i], tokens)  # tokenized once, for the rules and the detector
         except Exception as e:
             errors.add("caption", e)
             reasons[i].append("error:caption")
@@ -172,7 +177,7 @@ def run_prefilter(
             if "error:caption" in reasons[i]:  # the tokenizer below is what just broke on this row
                 continue
             try:
-                text = language_text(clean[i])
+                text = words[i] if words[i] is not None else language_text(clean[i])
             except Exception as e:
                 errors.add("language", e)
                 reasons[i].append("error:language")

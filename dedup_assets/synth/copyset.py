@@ -146,9 +146,12 @@ def verified_detector(
     margin: float,
     notion: str = "copy",
     features: list | None = None,
+    band: tuple[float, int] | None = None,
 ) -> dict:
-    """The whole detector on a labelled set: candidates = pairs with cosine ≥ τ − margin, each
-    verified (dedup.verify); a pair is predicted a duplicate when accepted, or undecided and ≥ τ.
+    """The whole detector on a labelled set: candidates = pairs with cosine ≥ τ − margin, plus with
+    `band` = (band_margin, k) each image's k most similar pairs down to τ − band_margin
+    (`dedup.pairs.band_keep`, as the pair search does per cluster), each verified (dedup.verify); a
+    pair is predicted a duplicate when accepted, or undecided and ≥ τ.
     Returns precision, recall, candidates, per-edit and per-kind recall of (base, copy) pairs, and
     the verifier's speed. `features` (one per image) may be passed to reuse keypoints."""
     import time
@@ -164,7 +167,13 @@ def verified_detector(
     iu = np.triu_indices(n, 1)
     s = sims[iu]
     truth = cs.origin[iu[0]] == cs.origin[iu[1]]
-    cand = np.flatnonzero(s >= tau - margin)
+    if band is None:
+        cand = np.flatnonzero(s >= tau - margin)
+    else:
+        from dedup_assets.dedup.pairs import band_keep
+
+        low = np.flatnonzero(s >= tau - band[0])
+        cand = low[band_keep(iu[0][low], iu[1][low], s[low], tau - margin, band[1])]
     pred = np.zeros(truth.size, bool)
     t1 = time.perf_counter()
     for k in cand.tolist():
@@ -183,7 +192,8 @@ def verified_detector(
             d[kk][0] += int(pred[k])
             d[kk][1] += 1
     return {
-        "notion": notion, "margin": margin, "search_threshold": tau - margin, "candidates": int(cand.size),
+        "notion": notion, "margin": margin, "band": list(band) if band else None,
+        "search_threshold": tau - (band[0] if band else margin), "candidates": int(cand.size),
         "candidates_per_image": cand.size / max(n, 1),
         "precision": tp / max(int(pred.sum()), 1), "recall": tp / max(int(truth.sum()), 1),
         "per_edit": {k: v[0] / v[1] for k, v in sorted(per_edit.items())},

@@ -12,7 +12,7 @@ from dedup_assets.dedup.pairs import brute_force_pairs, pairs_within_clusters, u
 from dedup_assets.dedup.synthetic import make_embeddings
 
 
-def _bucketed(x: np.ndarray, centroids, buckets, soft: bool, tau: float, is_new=None) -> set[tuple[int, int, int]]:
+def _bucketed(x: np.ndarray, centroids, buckets, soft: bool, tau: float, is_new=None, band=None) -> set[tuple[int, int, int]]:
     """Route every row, search each bucket over its own compact matrix, union over buckets."""
     labels = assign_many(x, centroids, soft=soft, device="cpu")
     routed = route(labels, buckets)
@@ -20,7 +20,7 @@ def _bucketed(x: np.ndarray, centroids, buckets, soft: bool, tau: float, is_new=
     for b, r in routed.items():
         xb = x[r.rows]  # the bucket's distinct vectors, as its files would hold them
         bp = search_bucket(lambda idx: xb[idx], r.vec, r.clustering, r.cluster, r.cluster2, tau,
-                           block_size=64, is_new=None if is_new is None else is_new[r.rows])
+                           block_size=64, is_new=None if is_new is None else is_new[r.rows], band=band)
         for i, j, f in zip(r.rows[bp.vi].tolist(), r.rows[bp.vj].tolist(), bp.found_by.tolist()):
             key = (min(i, j), max(i, j))
             out[key] = out.get(key, 0) | f
@@ -63,6 +63,36 @@ def test_one_cluster_is_brute_force() -> None:
     bf = brute_force_pairs(x, 0.8, block_size=64)
     assert len(bf)
     assert got == set(zip(bf.i.tolist(), bf.j.tolist()))
+
+
+def test_band_keeps_every_pair_above_hi_and_each_images_top_k_below_it() -> None:
+    x, _ = make_embeddings(n=600, d=16, seed=5)
+    cents, loads = _fit(x, k=1, n_clusterings=1)  # one cluster: the band rule is exact per image
+    hi, lo, k = 0.9, 0.6, 3
+    got = {(i, j) for i, j, _ in _bucketed(x, cents, plan_buckets(cents, loads, 1), False, lo, band=(hi, k))}
+    bf = brute_force_pairs(x, lo, block_size=64)
+    above = {(i, j) for i, j, s in zip(bf.i.tolist(), bf.j.tolist(), bf.sim.tolist()) if s >= hi}
+    assert above <= got
+    band: dict[int, list[tuple[float, int, tuple[int, int]]]] = {}
+    for i, j, s in zip(bf.i.tolist(), bf.j.tolist(), bf.sim.tolist()):
+        if s < hi:
+            band.setdefault(i, []).append((-s, j, (i, j)))
+            band.setdefault(j, []).append((-s, i, (i, j)))
+    want = above | {p for v in band.values() for _, _, p in sorted(v)[:k]}
+    assert got == want
+    assert len(got - above) <= 2 * k * x.shape[0] < len(bf.i) - len(above)  # the band is bounded, and it bit
+
+
+def test_band_keep_ranks_by_similarity_then_index() -> None:
+    from dedup_assets.dedup.pairs import band_keep
+
+    i = np.array([0, 0, 0, 1, 2, 3])
+    j = np.array([1, 2, 3, 2, 3, 4])
+    s = np.array([0.95, 0.8, 0.7, 0.6, 0.85, 0.5], np.float32)
+    assert band_keep(i, j, s, 0.9, 1).tolist() == [True, True, False, True, True, True]
+    assert band_keep(i, j, s, 0.9, 0).tolist() == [True, False, False, False, False, False]
+    tie = band_keep(np.array([0, 0]), np.array([2, 1]), np.array([0.5, 0.5], np.float32), 0.9, 1)
+    assert tie.tolist() == [True, True]  # 0 keeps its lower-index partner 1; 2 keeps its only pair
 
 
 def test_incremental_search_returns_exactly_the_pairs_that_touch_new_vectors() -> None:

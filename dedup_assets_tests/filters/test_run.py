@@ -68,10 +68,10 @@ def test_a_rule_that_raises_on_one_row_is_recorded_and_every_row_is_kept(
 ) -> None:
     real = run.rule_reasons
 
-    def rule_that_breaks_on_boom(caption, cfg):  # noqa: ANN001, ANN202
+    def rule_that_breaks_on_boom(caption, cfg, tokens=None):  # noqa: ANN001, ANN202
         if caption and "boom" in caption:
             raise RuntimeError("rule crashed")
-        return real(caption, cfg)
+        return real(caption, cfg, tokens)
 
     monkeypatch.setattr(run, "rule_reasons", rule_that_breaks_on_boom)
     logged: list[str] = []
