@@ -1139,10 +1139,7 @@ def build_filtered_dataset(
         finally:
             con.unregister("__w")
             con.execute("DROP TABLE IF EXISTS f_sel")
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
-        con.execute(f"COPY (SELECT * FROM {FILTERED_DATASET} ORDER BY image_id) TO {_sql_str(tmp)} (FORMAT parquet)")
-        os.replace(tmp, manifest)
+        _write_manifest(con, manifest)
         by_kind = con.execute(
             f"SELECT split_part(reason, ':', 1) AS kind, count(*) FROM {REMOVED_IMAGES} GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()
@@ -1155,6 +1152,66 @@ def build_filtered_dataset(
         **details, "removed_by_kind": {str(k): int(v) for k, v in by_kind}, "counts": counts, "weights": weights,
         "kept_preview": kept_preview, "removed_preview": removed_preview, "manifest": manifest,
     }
+
+
+def kept_mask(wh: Warehouse, ids: Sequence[str]) -> np.ndarray:
+    """For each id (a sample, not every image): is it in filtered_dataset?"""
+    if not len(ids):
+        return np.zeros(0, bool)
+    kept = set(wh.query(f"SELECT image_id FROM {FILTERED_DATASET} WHERE list_contains($ids, image_id)",
+                        {"ids": list(ids)})["image_id"].to_list())
+    return np.fromiter((i in kept for i in ids), bool, len(ids))
+
+
+def reweight_by_log_ratio(
+    wh: Warehouse, files: Sequence[Path], scale_from_histogram: Callable[[dict[int, int]], float],
+    log_bin: float, min_weight: float, max_weight: float, manifest: Path,
+) -> dict:
+    """Replace filtered_dataset.weight by clip(s · exp(log_ratio)) from Parquet parts (image_id,
+    log_ratio) covering the store, normalized to mean exactly 1, all in DuckDB: the kept rows'
+    log-ratio histogram (bins of `log_bin`) is handed to `scale_from_histogram` for s. Rewrites the
+    manifest. Kept images without a vector keep their weight before normalization."""
+    if not files:
+        raise ValueError("no log-ratio parts: nothing to reweight")
+    lit = "[" + ", ".join(_sql_str(Path(f).resolve()) for f in files) + "]"
+    with wh.connect() as con:
+        con.execute(f"CREATE TEMP TABLE __lr AS SELECT image_id, log_ratio FROM read_parquet({lit})")
+        try:
+            hist = dict(con.execute(
+                f"SELECT CAST(round(l.log_ratio / {float(log_bin)!r}) AS BIGINT) AS b, count(*) FROM __lr l "
+                f"JOIN {FILTERED_DATASET} f USING (image_id) GROUP BY 1").fetchall())
+            s = float(scale_from_histogram({int(k): int(v) for k, v in hist.items()}))
+            with transaction(con):
+                con.execute(
+                    f"UPDATE {FILTERED_DATASET} f SET weight = least(greatest(? * exp(l.log_ratio), ?), ?) "
+                    "FROM __lr l WHERE l.image_id = f.image_id", [s, float(min_weight), float(max_weight)])
+                mean = float(con.execute(f"SELECT avg(weight) FROM {FILTERED_DATASET}").fetchall()[0][0] or 1.0)
+                con.execute(f"UPDATE {FILTERED_DATASET} SET weight = weight / ?", [mean])
+            stats = con.execute(
+                f"SELECT count(*), min(weight), max(weight), avg(weight) FROM {FILTERED_DATASET}").fetchall()[0]
+        finally:
+            con.execute("DROP TABLE IF EXISTS __lr")
+        _write_manifest(con, Path(manifest))
+    return {"scale": s, "kept": int(stats[0]), "min_weight": float(stats[1] or 0), "max_weight": float(stats[2] or 0),
+            "mean_weight": float(stats[3] or 0), "histogram_bins": len(hist)}
+
+
+def weighted_cluster_sums(wh: Warehouse, clustering: int) -> pl.DataFrame:
+    """Per cluster of `clustering`: the kept images' summed weight (cluster, weighted)."""
+    with wh.connect() as con:
+        if not table_exists(con, CLUSTERINGS):
+            return pl.DataFrame(schema={"cluster": pl.Int64, "weighted": pl.Float64})
+        return con.sql(
+            f"SELECT c.cluster, sum(f.weight) AS weighted FROM {FILTERED_DATASET} f JOIN {CLUSTERINGS} c "
+            "ON c.image_id = f.image_id AND c.clustering = ? GROUP BY 1 ORDER BY 1", params=[int(clustering)]).pl()
+
+
+def _write_manifest(con, manifest: Path) -> None:  # noqa: ANN001
+    """filtered_dataset as the training manifest (Parquet), written atomically."""
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
+    con.execute(f"COPY (SELECT * FROM {FILTERED_DATASET} ORDER BY image_id) TO {_sql_str(tmp)} (FORMAT parquet)")
+    os.replace(tmp, manifest)
 
 
 def iter_filtered_dataset(wh: Warehouse, columns: Sequence[str] = tuple(KEPT_SCHEMA)) -> Iterable[pl.DataFrame]:
