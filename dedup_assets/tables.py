@@ -361,7 +361,7 @@ CLUSTERINGS_SCHEMA = {
 }
 CLUSTERING_PARTITIONS_SCHEMA = {"partition": pl.String, "fit_id": pl.String, "rows": pl.Int64, "stamp": pl.String}
 PAIRS_SCHEMA = {"image_a": pl.String, "image_b": pl.String, "similarity": pl.Float32, "found_by": pl.UInt8}
-BUCKET_PAIRS_SCHEMA = {**PAIRS_SCHEMA, "shard_a": pl.String, "shard_b": pl.String}
+BUCKET_PAIRS_SCHEMA = {**PAIRS_SCHEMA, "shard_a": pl.String, "shard_b": pl.String, "h": pl.UInt16}  # h: hash class of image_a
 VERIFIED_SCHEMA = {
     **PAIRS_SCHEMA,
     "is_duplicate": pl.Boolean,  # an edge of duplicate_groups
@@ -708,7 +708,10 @@ class PairSpill:
             con = duckdb.connect(config={"memory_limit": duckdb_memory_limit(),
                                          "temp_directory": str(self.dir / "duckdb_tmp")})
             try:
-                con.execute(f"COPY ({new}{kept_old}) TO {_sql_str(tmp)} (FORMAT parquet)")
+                # sorted by a hash class of image_a, so that each merge pass reads only its row groups
+                con.execute(
+                    f"COPY (SELECT *, CAST(hash(image_a) % {PAIR_HASH_CLASSES} AS USMALLINT) AS h FROM ({new}{kept_old}) "
+                    f"ORDER BY h) TO {_sql_str(tmp)} (FORMAT parquet, ROW_GROUP_SIZE {PAIR_ROW_GROUP})")
                 total = int(con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(tmp)})").fetchall()[0][0])
                 n_new = total
                 if kept_old:
@@ -741,20 +744,26 @@ class BucketData:
     stamps: dict[str, str]
 
 
-MERGE_ROWS_PER_PASS = 20_000_000  # bucket pair rows unioned per GROUP BY pass of merge_candidate_pairs
+MERGE_ROWS_PER_PASS = 5_000_000  # bucket pair rows unioned per GROUP BY pass of merge_candidate_pairs
+PAIR_HASH_CLASSES = 4096  # a bucket pair file's rows are sorted by h = hash(image_a) % this
+PAIR_ROW_GROUP = 32_768  # rows per Parquet row group of a pair file (the unit a merge pass skips or reads)
+PAIR_FILE_FORMAT = 2  # in the pair manifest: files of an older format are recomputed, not reused
 
 
 def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path], rows_per_pass: int = MERGE_ROWS_PER_PASS) -> int:
     """candidate_pairs = the union of the buckets' pairs (one row per pair, found_by ORed), in DuckDB.
 
-    The union runs in passes, each over the pairs whose hash(image_a) falls in one of P classes
-    (P = the bucket files' rows / rows_per_pass, from their Parquet footers), so one GROUP BY holds
-    1/P of the pairs: at 4M a single GROUP BY over every bucket's pairs was OOM-killed under a 3 GB
-    cap. Rows are sorted by (image_a, image_b) within a pass, not across passes."""
+    The union runs in passes, each over one range of the hash classes h of image_a (P ranges, P =
+    the bucket files' rows / rows_per_pass, from their Parquet footers), so one GROUP BY holds about
+    1/P of the pairs; the pair files are sorted by h in row groups of PAIR_ROW_GROUP rows, so a pass
+    reads only the row groups of its range and the whole merge reads the files about once. (At 4M a
+    single GROUP BY over every bucket's pairs, and then passes of 20M rows that each scanned every
+    file, were OOM-killed under a 3 GB cap.)"""
     import pyarrow.parquet as pq
 
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    passes = max(1, -(-int(rows) // max(1, int(rows_per_pass))))
+    passes = max(1, min(PAIR_HASH_CLASSES, -(-int(rows) // max(1, int(rows_per_pass)))))
+    bounds = np.linspace(0, PAIR_HASH_CLASSES, passes + 1).round().astype(int).tolist()
     with wh.connect() as con:
         con.execute("SET preserve_insertion_order = false")
         with transaction(con):
@@ -764,12 +773,12 @@ def merge_candidate_pairs(wh: Warehouse, files: Sequence[Path], rows_per_pass: i
             )
             if files:
                 lit = "[" + ", ".join(_sql_str(p.resolve()) for p in files) + "]"
-                for k in range(passes):
-                    where = f"WHERE hash(image_a) % {passes} = {k} " if passes > 1 else ""
+                for lo, hi in zip(bounds[:-1], bounds[1:]):
+                    where = f"WHERE h >= {lo} AND h < {hi} " if passes > 1 else ""
                     con.execute(
                         f"INSERT INTO {CANDIDATE_PAIRS} SELECT image_a, image_b, "
                         "CAST(max(similarity) AS FLOAT), CAST(bit_or(found_by) AS UTINYINT) "
-                        f"FROM read_parquet({lit}) {where}GROUP BY image_a, image_b ORDER BY image_a, image_b"
+                        f"FROM read_parquet({lit}) {where}GROUP BY image_a, image_b"
                     )
         return int(con.execute(f"SELECT count(*) FROM {CANDIDATE_PAIRS}").fetchall()[0][0])
 

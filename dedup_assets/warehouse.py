@@ -62,15 +62,40 @@ def exclusive_file_lock(path: Path, timeout_s: float, on_timeout: Exception, pol
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
-def _cgroup_limit() -> int | None:
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The tightest memory limit over this process's own cgroup and its ancestors (v2 `memory.max`,
+    v1 `memory.limit_in_bytes`), or None when there is none. Reading only the root files would miss
+    the limit of a child cgroup the process was put in (a benchmark's cap, a systemd slice, a
+    Kubernetes pod on a host without cgroup namespaces)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    candidates: list[Path] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2 unified hierarchy
+            base, name = Path(root), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = Path(root) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for d in [rel, *rel.parents]:  # own cgroup first, then every ancestor up to the root
+            candidates.append(base / d / name)
+    candidates += [Path(root) / "memory.max", Path(root) / "memory" / "memory.limit_in_bytes"]
+    limits = []
+    for f in candidates:
         try:
-            raw = Path(f).read_text().strip()
+            raw = f.read_text().strip()
         except OSError:
             continue
         if raw.isdigit() and int(raw) < (1 << 50):
-            return int(raw)
-    return None
+            limits.append(int(raw))
+    return min(limits) if limits else None
 
 
 def duckdb_memory_limit() -> str:

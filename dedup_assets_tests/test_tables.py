@@ -147,7 +147,9 @@ def test_other_dimension_is_refused_and_a_moved_warehouse_is_repointed(tmp_path:
 def test_candidate_pairs_merge_in_passes_equals_one_union(tmp_path: Path) -> None:
     """merge_candidate_pairs unions the bucket files in hash passes; any number of passes gives the
     same rows: one per pair, the largest similarity, found_by ORed."""
-    from dedup_assets.tables import merge_candidate_pairs
+    import zlib
+
+    from dedup_assets.tables import PAIR_HASH_CLASSES, merge_candidate_pairs
 
     rng = np.random.default_rng(3)
     files, want = [], {}
@@ -163,8 +165,10 @@ def test_candidate_pairs_merge_in_passes_equals_one_union(tmp_path: Path) -> Non
             s0, f0 = want.get(k[:2], (0.0, 0))
             want[k[:2]] = (max(s0, k[2]), f0 | k[3])
         p = tmp_path / f"bucket_{b}.parquet"
+        h = [zlib.crc32(x.encode()) % PAIR_HASH_CLASSES for x in lo]  # any function of image_a will do
         pl.DataFrame({"image_a": lo, "image_b": hi, "similarity": sim, "found_by": fb,
-                      "shard_a": ["s"] * len(lo), "shard_b": ["s"] * len(lo)}).write_parquet(p)
+                      "shard_a": ["s"] * len(lo), "shard_b": ["s"] * len(lo), "h": h},
+                     schema_overrides={"h": pl.UInt16}).sort("h").write_parquet(p, row_group_size=16)
         files.append(p)
     for rows_per_pass in (10**9, 250, 37):  # 1, 5 and 33 passes
         wh = Warehouse(tmp_path / f"w{rows_per_pass}.duckdb")

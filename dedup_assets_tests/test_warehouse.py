@@ -88,3 +88,26 @@ def test_concurrent_writers_in_two_processes_do_not_corrupt(tmp_path: Path) -> N
         assert p.exitcode == 0
     counts = dict(Warehouse(path).query("SELECT shard, count(*) AS n FROM t GROUP BY shard").iter_rows())
     assert counts == {"a": 200, "b": 200, "c": 200}
+
+
+def test_cgroup_limit_is_read_from_the_process_own_cgroup_and_its_ancestors(tmp_path: Path) -> None:
+    from dedup_assets.warehouse import _cgroup_limit
+
+    # v1: the process sits in /bench/run; the root is unlimited, the parent caps at 3 GB, the own cgroup at 5 GB
+    mem = tmp_path / "v1" / "memory"
+    (mem / "bench" / "run").mkdir(parents=True)
+    (mem / "memory.limit_in_bytes").write_text(str(1 << 62))
+    (mem / "bench" / "memory.limit_in_bytes").write_text(str(3 << 30))
+    (mem / "bench" / "run" / "memory.limit_in_bytes").write_text(str(5 << 30))
+    proc = tmp_path / "cgroup_v1"
+    proc.write_text("12:cpu,cpuacct:/bench/run\n4:memory:/bench/run\n")
+    assert _cgroup_limit(str(proc), str(tmp_path / "v1")) == 3 << 30
+    # v2: one unified line; "max" means no limit at that level
+    v2 = tmp_path / "v2"
+    (v2 / "a" / "b").mkdir(parents=True)
+    (v2 / "a" / "memory.max").write_text("max\n")
+    (v2 / "a" / "b" / "memory.max").write_text(str(2 << 30))
+    proc2 = tmp_path / "cgroup_v2"
+    proc2.write_text("0::/a/b\n")
+    assert _cgroup_limit(str(proc2), str(v2)) == 2 << 30
+    assert _cgroup_limit(str(tmp_path / "missing"), str(tmp_path / "none")) is None

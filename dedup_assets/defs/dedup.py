@@ -81,6 +81,7 @@ from dedup_assets.tables import (
     write_verify_chunk,
     embedding_store,
     forget_assignments,
+    PAIR_FILE_FORMAT,
     merge_candidate_pairs,
     pair_summary,
     read_assigned_partitions,
@@ -442,7 +443,8 @@ def search_bucket(
     is_new = None
     mode = "full"
     if (manifest and manifest.get("fit_id") == fit.fit_id and manifest.get("threshold") == tau
-            and manifest.get("band") == (list(band_args) if band_args else None) and files.pairs_path(fit.fit_id, bucket).exists()):
+            and manifest.get("band") == (list(band_args) if band_args else None)
+            and manifest.get("format") == PAIR_FILE_FORMAT and files.pairs_path(fit.fit_id, bucket).exists()):
         before = manifest.get("stamps", {})
         dirty = {stem_part[s] for s, st in data.stamps.items() if before.get(s) != st}
         dirty |= {manifest.get("partitions", {}).get(s, "") for s in set(before) - set(data.stamps)}
@@ -474,6 +476,7 @@ def search_bucket(
         n_new, n_total = spill.finish(
             data.ids, data.partitions, data.partition_of,
             {"fit_id": fit.fit_id, "threshold": tau, "band": list(band_args) if band_args else None,
+             "format": PAIR_FILE_FORMAT,
              "stamps": data.stamps, "partitions": stem_part},
             old_dirty=old_dirty,
         )
