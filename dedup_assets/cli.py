@@ -124,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             generated_embeddings=str(Path(args.generated_embeddings).resolve())
             if getattr(args, "generated_embeddings", None) else None,
             report_base_url=getattr(args, "report_base_url", None),
+            min_clip_score=getattr(args, "min_clip_score", None),
         )
     except ValueError as e:
         _print(f"error: {e}")
@@ -498,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-base-url", default=d.report_base_url, metavar="URL",
                    help="URL at which the warehouse's _files folder is served: review pages become links in the UI "
                         "(default: DEDUP_ASSETS_REPORT_BASE_URL or the settings file)")
+    r.add_argument("--min-clip-score", type=float, default=d.min_clip_score, metavar="T",
+                   help="remove images whose cosine with their caption is below T (open_clip's text tower; "
+                        "LAION used 0.28 for ViT-B-32); needs --embedder openclip")
     r.add_argument("--refit", action="store_true",
                    help="refit the k-means clusterings instead of assigning new images to the stored centroids")
     r.set_defaults(func=cmd_run)

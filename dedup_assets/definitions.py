@@ -149,7 +149,7 @@ def build_resources(settings: Settings) -> dict:
     resources.update(
         dedup=DedupResource(),
         prefilters=PrefilterResource(min_side=settings.min_side),
-        curate=CurateResource(),
+        curate=CurateResource(min_clip_score=settings.min_clip_score),
         audit=AuditResource(),
     )
     return resources

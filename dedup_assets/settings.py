@@ -31,12 +31,13 @@ ENV_GENERATED_EMBEDDINGS = "DEDUP_ASSETS_GENERATED_EMBEDDINGS"
 ENV_DISCOVERY_CRON = "DEDUP_ASSETS_DISCOVERY_CRON"
 ENV_CORPUS_CRON = "DEDUP_ASSETS_CORPUS_CRON"
 ENV_REPORT_BASE_URL = "DEDUP_ASSETS_REPORT_BASE_URL"
+ENV_MIN_CLIP_SCORE = "DEDUP_ASSETS_MIN_CLIP_SCORE"
 ENV_SETTINGS = "DEDUP_ASSETS_SETTINGS"
 SETTINGS_FILE = "dedup_assets.env"
 
 # Settings that may be unset (to_env omits them then)
 OPTIONAL_ENV = (ENV_GENERATED, ENV_PRETRAINED, ENV_EMBEDDINGS, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS,
-                ENV_REPORT_BASE_URL)
+                ENV_REPORT_BASE_URL, ENV_MIN_CLIP_SCORE)
 
 DEFAULT_SOURCE = "data/sample"
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
@@ -44,7 +45,7 @@ DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 
 ALL_ENV = (ENV_SOURCE, ENV_WAREHOUSE, ENV_GENERATED, ENV_EMBEDDER, ENV_MODEL, ENV_PRETRAINED, ENV_DEVICE,
            ENV_MIN_SIDE, ENV_EMBEDDINGS, ENV_MODEL_ID, ENV_THRESHOLD, ENV_GENERATED_EMBEDDINGS,
-           ENV_DISCOVERY_CRON, ENV_CORPUS_CRON, ENV_REPORT_BASE_URL)
+           ENV_DISCOVERY_CRON, ENV_CORPUS_CRON, ENV_REPORT_BASE_URL, ENV_MIN_CLIP_SCORE)
 
 
 def settings_file() -> Path:
@@ -129,6 +130,7 @@ class Settings:
     threshold: float | None = None
     generated_embeddings: str | None = None
     report_base_url: str | None = None  # where the warehouse's _files folder is served (review links)
+    min_clip_score: float | None = None  # image–caption cosine filter (open_clip only); None = off
 
     def __post_init__(self) -> None:
         if self.embedder not in ("offline", "openclip"):
@@ -151,6 +153,13 @@ class Settings:
             )
         if not self.model_id:
             raise ValueError("model_id must not be empty")
+        if self.min_clip_score is not None:
+            if not -1.0 <= self.min_clip_score <= 1.0:
+                raise ValueError(f"min_clip_score is a cosine in [-1, 1], got {self.min_clip_score}")
+            if self.embedder != "openclip" or self.embeddings:
+                raise ValueError(
+                    "--min-clip-score needs --embedder openclip: the image–caption cosine comes from the model's "
+                    "text tower; the offline embedder has none and external vectors come without one")
         if self.report_base_url and not self.report_base_url.startswith(("http://", "https://")):
             raise ValueError(f"report_base_url must be an http(s) URL, got {self.report_base_url!r}")
 
@@ -182,6 +191,7 @@ class Settings:
             threshold=float(t) if (t := _env(ENV_THRESHOLD, None)) is not None else None,
             generated_embeddings=_env(ENV_GENERATED_EMBEDDINGS, None),
             report_base_url=_env(ENV_REPORT_BASE_URL, None),
+            min_clip_score=float(c) if (c := _env(ENV_MIN_CLIP_SCORE, None)) is not None else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -207,4 +217,6 @@ class Settings:
             env[ENV_GENERATED_EMBEDDINGS] = self.generated_embeddings
         if self.report_base_url:
             env[ENV_REPORT_BASE_URL] = self.report_base_url
+        if self.min_clip_score is not None:
+            env[ENV_MIN_CLIP_SCORE] = repr(self.min_clip_score)
         return env

@@ -249,6 +249,17 @@ def _migrate(wh: Warehouse, store: EmbeddingStore, log: Callable[[str], None] | 
             f"{store.root}; `embeddings` is now a view over it")
 
 
+CLIP_SCORES = "clip_scores"
+CLIP_SCORES_SCHEMA: dict[str, pl.DataType] = {
+    "image_id": pl.String, "shard": pl.String, "clip_score": pl.Float32, "model": pl.String,
+}
+
+
+def write_clip_scores(wh: Warehouse, shard: str, df: pl.DataFrame) -> int:
+    """Replace one shard's image–caption cosines (CLIP score), one transaction."""
+    return wh.replace_partition(CLIP_SCORES, df.select(list(CLIP_SCORES_SCHEMA)).cast(CLIP_SCORES_SCHEMA), "shard", shard)
+
+
 def write_embeddings(
     wh: Warehouse,
     partition: str,
@@ -999,12 +1010,14 @@ class SelectionError(ValueError):
     """The inputs of filtered_dataset contradict each other (e.g. a duplicate group with two keepers)."""
 
 
-def _selection_sql(con, embedded: bool) -> str:  # noqa: ANN001
+def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> str:  # noqa: ANN001
     """SELECT of every index row with its removal reason (NULL = kept) and detail.
 
     Reasons, in order of precedence (the first that applies wins, so every file has exactly one):
     1. `decode:<status>`          the file did not decode (status other than "ok"); detail = error.
     2. `filter:<first reason>`    a pre-filter failed; detail = all reasons joined with ",".
+       `filter:clip_score`         (with `min_clip_score`) the image–caption cosine is below it, or
+                                   the image has no score; detail = "clip_score=0.1234".
     3. `duplicate_of:<keeper id>` a non-keeper member of a duplicate group; detail = "similarity=0.9731".
     4. `no_embedding:not_embedded` an ok image with no embedding (only when `embedded`).
 
@@ -1027,18 +1040,31 @@ def _selection_sql(con, embedded: bool) -> str:  # noqa: ANN001
             "WHERE NOT g.is_keeper) k ON k.image_id = i.image_id"
         )
         keeper, sim = "k.keeper", "k.sim"
+    clip = "false"
+    if min_clip_score is not None:
+        if not table_exists(con, CLIP_SCORES):
+            raise SelectionError(
+                "min_clip_score is set but there are no clip scores: they need the openclip embedder with "
+                "clip_score on (`--min-clip-score T` sets both); the offline embedder has no text tower and "
+                "external vectors come without one, so this filter is unavailable there")
+        joins.append(f"LEFT JOIN {CLIP_SCORES} cs ON cs.image_id = i.image_id")
     if embedded:
         joins.append(f"LEFT JOIN (SELECT DISTINCT image_id FROM {EMBEDDINGS}) e ON e.image_id = i.image_id")
         no_emb = "e.image_id IS NULL"
+    if min_clip_score is not None:  # an embedded image without a score (embedded before scoring) is removed too
+        clip = f"(cs.clip_score < {float(min_clip_score)!r} OR (cs.image_id IS NULL AND NOT {no_emb}))"
     not_ok = "(i.status IS NULL OR i.status <> 'ok')"
     return (
         "SELECT i.image_id, i.shard, i.key, i.location, i.caption, CAST(i.width AS INTEGER) AS width, "
         "CAST(i.height AS INTEGER) AS height, "
         f"CASE WHEN {not_ok} THEN 'decode:' || coalesce(i.status, 'unknown') "
         f"WHEN {failed} THEN 'filter:' || coalesce({first}, 'unknown') "
+        f"WHEN {clip} THEN 'filter:clip_score' "
         f"WHEN {keeper} IS NOT NULL THEN 'duplicate_of:' || {keeper} "
         f"WHEN {no_emb} THEN 'no_embedding:not_embedded' END AS reason, "
         f"CASE WHEN {not_ok} THEN {error} WHEN {failed} THEN {reasons} "
+        + (f"WHEN {clip} THEN 'clip_score=' || coalesce(CAST(round(CAST(cs.clip_score AS DOUBLE), 4) AS VARCHAR), 'none') "
+           if min_clip_score is not None else "") +
         f"WHEN {keeper} IS NOT NULL THEN 'similarity=' || CAST(round(CAST({sim} AS DOUBLE), 4) AS VARCHAR) END AS detail "
         f"FROM {IMAGE_INDEX} i " + " ".join(joins)
     )
@@ -1097,6 +1123,7 @@ def build_filtered_dataset(
     weigh: Callable[[pl.DataFrame], pl.DataFrame],
     manifest: Path,
     preview_rows: int = 20,
+    min_clip_score: float | None = None,
 ) -> dict:
     """filtered_dataset and removed_images from image_index, prefilter, duplicate_groups and the
     embeddings view, all in DuckDB (nothing per image is held in Python).
@@ -1112,7 +1139,7 @@ def build_filtered_dataset(
     with wh.connect() as con:
         _check_keepers(con)
         embedded = table_exists(con, EMBEDDINGS)
-        con.execute("CREATE TEMP TABLE f_sel AS " + _selection_sql(con, embedded))
+        con.execute("CREATE TEMP TABLE f_sel AS " + _selection_sql(con, embedded, min_clip_score))
         has_clusters = table_exists(con, CLUSTERINGS)
         if has_clusters:
             dup = con.execute(

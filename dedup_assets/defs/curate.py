@@ -30,6 +30,11 @@ class CurateResource(ConfigurableResource):
     reweight_clustering: int = Field(default=0, description="Which clustering's clusters are the categories.")
     min_weight: float = Field(default=0.1, description="Smallest loss weight a kept image gets (clip range of reweighting).")
     max_weight: float = Field(default=10.0, description="Largest loss weight a kept image gets.")
+    min_clip_score: float | None = Field(
+        default=None,
+        description="Remove images whose cosine with their caption (clip_scores, from open_clip's text tower) is "
+        "below this, reason filter:clip_score (LAION used 0.28 for ViT-B-32). None = off.",
+    )
     reweight_method: Literal["clusters", "classifier"] = Field(
         default="clusters",
         description="'clusters': each kept image weighs its cluster's share before / after filtering; 'classifier' "
@@ -63,7 +68,8 @@ def filtered_dataset(
     cfg = config_from(curate, ReweightConfig, clustering=curate.reweight_clustering)
     out_dir = warehouse.directory
     built = tables.build_filtered_dataset(
-        wh, cfg.clustering, lambda counts: cluster_weights(counts, cfg), out_dir / "filtered_dataset.parquet"
+        wh, cfg.clustering, lambda counts: cluster_weights(counts, cfg), out_dir / "filtered_dataset.parquet",
+        min_clip_score=curate.min_clip_score,
     )
     report = report_from_counts(built["counts"], built["weights"], cfg)
     meta: dict = {"reweight_method": curate.reweight_method}

@@ -10,6 +10,7 @@ store instead of embedding images.
 import time
 from typing import Iterator
 
+import numpy as np
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -22,15 +23,18 @@ from dagster import (
 from dedup_assets.defs.metadata import counts_table, table_preview
 from dedup_assets.defs.partitions import per_shard_asset
 from dedup_assets.defs.resources import DatasetResource, EmbedderResource, WarehouseResource
+from dedup_assets.embed.base import image_text_cosine
 from dedup_assets.embed.pipeline import embed_stream
 from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_parts, iter_ok_vectors, open_vectors
 from dedup_assets.ingest.shards import ReadLimits, Shard, find_shard, iter_shard
 from dedup_assets.tables import (
+    CLIP_SCORES_SCHEMA,
     delete_embeddings,
     embedding_store,
     ensure_embeddings,
     partition_models,
     read_image_index,
+    write_clip_scores,
     write_embeddings,
 )
 
@@ -71,15 +75,21 @@ def embeddings(
     store = ensure_embeddings(wh, log=context.log.info)
     if dataset.is_external:
         return _import_external(context, dataset, embedder, warehouse, store, shards)
+    if embedder.clip_score and embedder.kind != "openclip":
+        raise ValueError(
+            f"clip_score needs the openclip embedder (its text tower); the {embedder.kind} embedder has none, so the "
+            "image–caption filter is unavailable with it (turn clip_score and curate.min_clip_score off)")
     emb = embedder.get()
     _guard_one_model(context, wh, emb.model_id, shards, embedder.on_model_change)
+    scored: list[float] = []
     started = time.perf_counter()
     rows = 0
     failures: list[tuple[str, str, str]] = []
     missing = 0
     for name in shards:
         shard = find_shard(dataset.root, name, dataset.follow_links)
-        ok_ids = set(read_image_index(wh, shard.name, status="ok")["image_id"].to_list())
+        ok_rows = read_image_index(wh, shard.name, status="ok")
+        ok_ids = set(ok_rows["image_id"].to_list())
         context.log.info(f"[{shard.name}] embedding {len(ok_ids)} images with {emb.model_id}")
 
         def progress(n: int, elapsed: float, name: str = shard.name, total: int = len(ok_ids)) -> None:
@@ -98,6 +108,15 @@ def embeddings(
             write_embeddings(wh, shard.name, [(result.ids, result.vectors)], emb.model_id, int(result.vectors.shape[1]))
         else:
             delete_embeddings(wh, shard.name)
+        if embedder.clip_score:
+            captions = dict(zip(ok_rows["image_id"].to_list(), ok_rows["caption"].to_list()))
+            t = emb.embed_texts([captions.get(i) or "" for i in result.ids])
+            cos = image_text_cosine(result.vectors, t)
+            write_clip_scores(wh, shard.name, pl.DataFrame({
+                "image_id": result.ids, "shard": [shard.name] * n_vec, "clip_score": cos,
+                "model": [emb.model_id] * n_vec}, schema=CLIP_SCORES_SCHEMA))
+            scored.extend(cos.tolist())
+            context.log.info(f"[{shard.name}] clip scores of {n_vec} images: median {np.median(cos) if n_vec else 0:.3f}")
         rows += n_vec
         failures.extend(result.failures)
         missing += len(ok_ids) - n_vec - len(result.failures)
@@ -118,6 +137,8 @@ def embeddings(
             "seconds": round(seconds, 3),
             "images_per_second": round(rows / max(seconds, 1e-9), 1),
             "storage": warehouse.link(store.root),
+            **({"clip_score_quantiles": MetadataValue.json(
+                {q: round(float(np.quantile(scored, q / 100)), 4) for q in (1, 10, 50, 90, 99)})} if scored else {}),
         }
     )
 

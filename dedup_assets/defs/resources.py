@@ -162,6 +162,12 @@ class EmbedderResource(ConfigurableResource):
         default=False,
         description="Allow an open_clip model with random weights (tests only; never for real data).",
     )
+    clip_score: bool = Field(
+        default=False,
+        description="Also store each image's cosine with its caption, from the same open_clip model's text tower "
+        "(table clip_scores; the filter is curate.min_clip_score). Needs kind 'openclip': the offline embedder "
+        "has no text tower.",
+    )
     on_model_change: Literal["fail", "reset"] = Field(
         default="fail",
         description=(
@@ -235,5 +241,6 @@ def resources_from_settings(settings: Settings) -> dict[str, ConfigurableResourc
             device=settings.device,  # type: ignore[arg-type]
             model_id=settings.model_id,
             threshold=settings.threshold,
+            clip_score=settings.min_clip_score is not None,
         ),
     }

@@ -59,3 +59,11 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+
+
+def image_text_cosine(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of unit image and caption vectors of one model (the CLIP score), float32."""
+    images, texts = np.asarray(images, np.float32), np.asarray(texts, np.float32)
+    if images.shape != texts.shape:
+        raise ValueError(f"one caption vector per image vector: {images.shape} vs {texts.shape}")
+    return (images * texts).sum(axis=1).astype(np.float32) if images.size else np.zeros(len(images), np.float32)

@@ -343,6 +343,24 @@ class OpenClipEmbedder:
             feats = torch.nn.functional.normalize(feats, dim=-1)
         return feats.cpu().numpy().astype(np.float32, copy=False)
 
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """encode_text of the same model (its tokenizer, its text tower) → (n, dim) float32, unit rows:
+        the other half of the image–text cosine (CLIP score)."""
+        import open_clip
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        self.load()
+        tokenizer = open_clip.get_tokenizer(self.cfg.model)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer([t or "" for t in texts[start:start + batch_size]]).to(self._device)
+            with torch.inference_mode(), self._autocast():
+                feats = torch.nn.functional.normalize(self._model.encode_text(tokens).float(), dim=-1)
+            out.append(feats.cpu().numpy().astype(np.float32, copy=False))
+        return np.concatenate(out)
+
     def __getstate__(self) -> dict:
         # The model stays behind: workers only need the configs to build the transform.
         return {"cfg": self.cfg, "dim": self._dim, "pp_cfg": self._pp_cfg, "model_id": self._model_id}

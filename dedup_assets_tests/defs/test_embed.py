@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from dagster import DagsterInstance, materialize
 
-from dedup_assets.definitions import build_resources
+from dedup_assets.definitions import PER_SHARD_ASSETS, build_resources
 from dedup_assets.defs.embed import embeddings
 from dedup_assets.defs.ingest import image_index
 from dedup_assets.tables import embedding_store, embeddings_kind
@@ -51,3 +52,59 @@ def test_changing_the_embedder_fails_instead_of_mixing_models(
     errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
     messages = [err.message + (err.cause.message if err.cause else "") for err in errors]
     assert any("cannot be compared" in m for m in messages)
+
+
+TINY = "dedup-assets-wiring-tiny-vit"  # an open_clip config registered in this process only
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import json
+
+    import open_clip
+
+    d = tmp_path_factory.mktemp("cfg")
+    (d / f"{TINY}.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(d / f"{TINY}.json")
+    return TINY
+
+
+def test_clip_score_filter_removes_images_below_the_threshold(
+    small_dataset: SmallDataset, tmp_path: Path, instance: DagsterInstance, tiny_clip: str
+) -> None:
+    from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS
+    from dedup_assets.defs.curate import CurateResource
+    from dedup_assets.defs.resources import EmbedderResource
+
+    settings = small_settings(small_dataset, tmp_path)
+    resources = build_resources(settings)
+    resources["embedder"] = EmbedderResource(kind="openclip", model=tiny_clip, allow_random_weights=True, device="cpu",
+                                             workers=0, clip_score=True, threshold=0.99)
+    materialize_shards(small_dataset, settings, instance, PER_SHARD_ASSETS, resources=resources)
+    wh = Warehouse(settings.warehouse)
+    scores = wh.read_table("clip_scores")
+    assert scores.height == wh.query("SELECT count(*) AS n FROM embeddings")["n"][0] > 0
+    assert scores["clip_score"].is_between(-1.0, 1.0).all() and scores["model"].n_unique() == 1
+    cut = float(scores["clip_score"].median())  # random weights: the scores mean nothing, the plumbing does
+    resources["curate"] = CurateResource(min_clip_score=cut)
+    corpus = ["clusterings", "candidate_pairs", "verified_pairs", "duplicate_groups", "filtered_dataset"]
+    result = materialize(ALL_ASSETS + ALL_CHECKS, selection=[a for a in ALL_ASSETS if a.key.to_user_string() in corpus],
+                         resources=resources, instance=instance)
+    assert result.success
+    kept = wh.query("SELECT f.image_id, s.clip_score FROM filtered_dataset f JOIN clip_scores s USING (image_id)")
+    assert kept.height == wh.read_table("filtered_dataset").height and (kept["clip_score"] >= cut).all()
+    removed = wh.query("SELECT r.reason, r.detail, s.clip_score FROM removed_images r JOIN clip_scores s USING (image_id) "
+                       "WHERE r.reason = 'filter:clip_score'")
+    assert removed.height > 0 and (removed["clip_score"] < cut).all()
+    assert removed["detail"].str.starts_with("clip_score=").all()
+
+
+def test_clip_score_is_unavailable_without_a_text_tower(small_dataset: SmallDataset, tmp_path: Path) -> None:
+    from dedup_assets.settings import Settings
+
+    with pytest.raises(ValueError, match="needs --embedder openclip"):
+        Settings(source=str(small_dataset.root), warehouse=str(tmp_path / "w.duckdb"), min_clip_score=0.28)

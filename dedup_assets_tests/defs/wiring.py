@@ -18,9 +18,10 @@ def small_settings(ds: SmallDataset, tmp_path: Path) -> Settings:
     )
 
 
-def materialize_shards(ds: SmallDataset, settings: Settings, instance: DagsterInstance, selection) -> None:
+def materialize_shards(ds: SmallDataset, settings: Settings, instance: DagsterInstance, selection,
+                       resources: dict | None = None) -> None:
     instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ds.shards)
-    resources = build_resources(settings)
+    resources = resources or build_resources(settings)
     for shard in ds.shards:
         result = materialize(
             ALL_ASSETS + ALL_CHECKS, selection=selection, partition_key=shard, resources=resources, instance=instance

@@ -89,6 +89,23 @@ def test_checkpoint_file_round_trip_gives_the_saved_models_vectors(
     assert loaded.duplicate_threshold == CLIP_DUPLICATE_THRESHOLD == 0.92
 
 
+def test_text_tower_gives_the_saved_models_caption_vectors(
+    saved: tuple[Path, torch.nn.Module], loaded: OpenClipEmbedder
+) -> None:
+    import open_clip
+
+    _, model = saved
+    texts = ["a red bicycle against a wall", "", "a red bicycle against a wall", "a page of printed text"]
+    t = loaded.embed_texts(texts, batch_size=3)  # batches of 3: the split does not change a vector
+    assert t.shape == (4, 256) and t.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        ref = model.encode_text(open_clip.get_tokenizer(SMALL)(texts[:1])).float()
+    np.testing.assert_allclose(t[0], (ref / ref.norm(dim=-1, keepdim=True))[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(t[2], t[0], atol=1e-6)
+    assert loaded.embed_texts([]).shape == (0, 256)
+
+
 def test_same_checkpoint_in_a_new_embedder_is_deterministic(
     saved: tuple[Path, torch.nn.Module], loaded: OpenClipEmbedder
 ) -> None:
