@@ -8,6 +8,7 @@
     dedup-assets sample --out DIR [--generated-out DIR]
     dedup-assets demo        # writes the sample dataset under data/ and runs everything on it
     dedup-assets dev [--port N]  # the Dagster UI (dagster dev -w workspace.yaml) and the review pages
+    dedup-assets label --set NAME [--positive ID ...] [--negative ID ...] [--from FILE]  # classifier labels
 
 `run` registers every shard under --source as a dynamic partition, materializes the per-shard
 assets one shard at a time and then the corpus assets, all through Dagster (the runs show in the
@@ -400,6 +401,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_run(ns)
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    """Add labels of one label set to the warehouse (table `labels`) for the filter classifiers."""
+    import re
+    from datetime import datetime, timezone
+
+    import polars as pl
+
+    from dedup_assets import tables
+    from dedup_assets.filters.label_page import read_labels_file
+    from dedup_assets.warehouse import Warehouse
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.label_set):
+        _print(f"error: --set {args.label_set!r}: use letters, digits, '_' or '-' (it names files and reasons)")
+        return 2
+    rows = [(i, True) for i in args.positive] + [(i, False) for i in args.negative]
+    if args.from_file:
+        rows += read_labels_file(Path(args.from_file))
+    if not rows:
+        _print("error: give --positive IDS, --negative IDS or --from FILE")
+        return 2
+    if args.warehouse is None:
+        from dedup_assets.settings import Settings
+
+        args.warehouse = Settings.from_env().warehouse
+    wh = Warehouse(args.warehouse)
+    ids = sorted({i for i, _ in rows})
+    known = set(wh.read_table("image_index", columns=["image_id"], where="list_contains($ids, image_id)",
+                              params={"ids": ids})["image_id"].to_list()) if wh.table_exists("image_index") else set()
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        _print(f"error: {len(unknown)} image id(s) not in image_index, e.g. {unknown[:5]}; nothing written")
+        return 2
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    n = tables.write_labels(wh, pl.DataFrame({
+        "image_id": [i for i, _ in rows], "label_set": [args.label_set] * len(rows), "label": [v for _, v in rows],
+        "source": [args.source] * len(rows), "labelled_at": [now] * len(rows)}))
+    labels = tables.read_labels(wh).filter(pl.col("label_set") == args.label_set)
+    _print(f"label set {args.label_set}: {n} labels written; {int(labels['label'].sum())} positive, "
+           f"{int((~labels['label']).sum())} negative in all — materialize filter_classifiers to retrain")
+    return 0
+
+
 REPORTS_URL = "http://127.0.0.1:3001"  # where `dedup-assets dev` serves the warehouse's _files folder
 
 
@@ -518,6 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--report-base-url", default=REPORTS_URL, metavar="URL",
                    help=f"where `dedup-assets dev` serves the review pages (default {REPORTS_URL})")
     d.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("label", help="add labels of a label set for the filter classifiers (filter_classifiers)")
+    lab.add_argument("--set", required=True, dest="label_set", help="label set name, e.g. violence")
+    lab.add_argument("--positive", nargs="*", default=[], metavar="IMAGE_ID", help="images to remove (image_id)")
+    lab.add_argument("--negative", nargs="*", default=[], metavar="IMAGE_ID", help="images to keep (image_id)")
+    lab.add_argument("--from", dest="from_file", metavar="FILE",
+                     help="labels from a labelling page's download (JSON) or 'image_id<TAB>1|0' lines")
+    lab.add_argument("--warehouse", default=None, help="DuckDB file (default: DEDUP_ASSETS_WAREHOUSE or the settings file)")
+    lab.add_argument("--source", default="cli", help="who labelled (recorded with each label)")
+    lab.set_defaults(func=cmd_label)
 
     v = sub.add_parser("dev", help="the Dagster UI on this configuration, with the review pages served")
     v.add_argument("--workspace", default="workspace.yaml",

@@ -32,7 +32,7 @@ from dedup_assets.defs.dedup import (
     verified_pairs,
 )
 from dedup_assets.defs.embed import embeddings, embeddings_unit_norm_one_model
-from dedup_assets.defs.filters import PrefilterResource, prefilter
+from dedup_assets.defs.filters import ClassifierResource, PrefilterResource, filter_classifiers, prefilter
 from dedup_assets.defs.ingest import (
     discover_shards_job,
     discovery_schedule,
@@ -46,7 +46,8 @@ from dedup_assets.defs.resources import resources_from_settings
 from dedup_assets.settings import Settings
 
 PER_SHARD_ASSETS = [image_index, prefilter, embeddings]
-CORPUS_ASSETS = [clusterings, candidate_pairs, verified_pairs, duplicate_groups, filtered_dataset, regurgitation_audit]
+CORPUS_ASSETS = [clusterings, candidate_pairs, verified_pairs, duplicate_groups, filter_classifiers, filtered_dataset,
+                 regurgitation_audit]
 ALL_ASSETS = [*PER_SHARD_ASSETS, *CORPUS_ASSETS]
 ALL_CHECKS = [
     image_index_ids_unique,
@@ -151,6 +152,7 @@ def build_resources(settings: Settings) -> dict:
         prefilters=PrefilterResource(min_side=settings.min_side),
         curate=CurateResource(min_clip_score=settings.min_clip_score),
         audit=AuditResource(),
+        classifiers=ClassifierResource(),
     )
     return resources
 

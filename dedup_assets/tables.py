@@ -260,6 +260,63 @@ def write_clip_scores(wh: Warehouse, shard: str, df: pl.DataFrame) -> int:
     return wh.replace_partition(CLIP_SCORES, df.select(list(CLIP_SCORES_SCHEMA)).cast(CLIP_SCORES_SCHEMA), "shard", shard)
 
 
+LABELS = "labels"
+LABELS_SCHEMA: dict[str, pl.DataType] = {
+    "image_id": pl.String, "label_set": pl.String, "label": pl.Boolean, "source": pl.String,
+    "labelled_at": pl.Datetime("us"),
+}
+CLASSIFIER_SCORES = "classifier_scores"
+LABEL_QUEUE = "label_queue"
+
+
+def write_labels(wh: Warehouse, df: pl.DataFrame) -> int:
+    """Add labels (LABELS_SCHEMA rows); a later label of the same (image_id, label_set) replaces the
+    earlier one. Returns the rows written."""
+    df = df.select(list(LABELS_SCHEMA)).cast(LABELS_SCHEMA).unique(["image_id", "label_set"], keep="last")
+    with wh.connect() as con:
+        con.execute(f"CREATE TABLE IF NOT EXISTS {LABELS} (image_id VARCHAR, label_set VARCHAR, label BOOLEAN, "
+                    "source VARCHAR, labelled_at TIMESTAMP)")
+        con.register("__labels", df)
+        try:
+            with transaction(con):
+                con.execute(f"DELETE FROM {LABELS} l USING __labels n WHERE l.image_id = n.image_id "
+                            "AND l.label_set = n.label_set")
+                con.execute(f"INSERT INTO {LABELS} SELECT * FROM __labels")
+        finally:
+            con.unregister("__labels")
+    return df.height
+
+
+def read_labels(wh: Warehouse) -> pl.DataFrame:
+    """Every label with whether its image has a vector (only those can train a classifier)."""
+    if not wh.table_exists(LABELS):
+        return pl.DataFrame(schema=LABELS_SCHEMA)
+    return wh.query(f"SELECT * FROM {LABELS} ORDER BY label_set, image_id")
+
+
+def replace_classifier_scores(wh: Warehouse, label_sets: Sequence[str], files: Sequence[Path],
+                              queue: pl.DataFrame) -> dict[str, int]:
+    """classifier_scores := the Parquet parts (image_id, label_set, score, remove) of `label_sets`
+    (other sets are dropped: a set without labels has no classifier); label_queue := `queue`.
+    Returns images removed per set."""
+    with wh.connect() as con:
+        with transaction(con):
+            con.execute(f"CREATE OR REPLACE TABLE {CLASSIFIER_SCORES} (image_id VARCHAR, label_set VARCHAR, "
+                        "score DOUBLE, remove BOOLEAN)")
+            if files:
+                lit = "[" + ", ".join(_sql_str(Path(f).resolve()) for f in files) + "]"
+                con.execute(f"INSERT INTO {CLASSIFIER_SCORES} SELECT image_id, label_set, score, remove "
+                            f"FROM read_parquet({lit})")
+            con.register("__queue", queue)
+            try:
+                con.execute(f"CREATE OR REPLACE TABLE {LABEL_QUEUE} AS SELECT * FROM __queue")
+            finally:
+                con.unregister("__queue")
+        rows = con.execute(f"SELECT label_set, count(*) FILTER (WHERE remove) FROM {CLASSIFIER_SCORES} "
+                           "GROUP BY 1").fetchall()
+    return {str(k): int(v) for k, v in rows}
+
+
 def write_embeddings(
     wh: Warehouse,
     partition: str,
@@ -1018,6 +1075,8 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
     2. `filter:<first reason>`    a pre-filter failed; detail = all reasons joined with ",".
        `filter:clip_score`         (with `min_clip_score`) the image–caption cosine is below it, or
                                    the image has no score; detail = "clip_score=0.1234".
+       `filter:classifier:<set>`   a label set's classifier removes it (classifier_scores.remove;
+                                   the first set by name when several do).
     3. `duplicate_of:<keeper id>` a non-keeper member of a duplicate group; detail = "similarity=0.9731".
     4. `no_embedding:not_embedded` an ok image with no embedding (only when `embedded`).
 
@@ -1041,6 +1100,11 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
         )
         keeper, sim = "k.keeper", "k.sim"
     clip = "false"
+    classified = "NULL"
+    if table_exists(con, CLASSIFIER_SCORES):
+        joins.append(f"LEFT JOIN (SELECT image_id, min(label_set) AS label_set FROM {CLASSIFIER_SCORES} WHERE remove "
+                     "GROUP BY 1) cl ON cl.image_id = i.image_id")
+        classified = "cl.label_set"
     if min_clip_score is not None:
         if not table_exists(con, CLIP_SCORES):
             raise SelectionError(
@@ -1060,6 +1124,7 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
         f"CASE WHEN {not_ok} THEN 'decode:' || coalesce(i.status, 'unknown') "
         f"WHEN {failed} THEN 'filter:' || coalesce({first}, 'unknown') "
         f"WHEN {clip} THEN 'filter:clip_score' "
+        f"WHEN {classified} IS NOT NULL THEN 'filter:classifier:' || {classified} "
         f"WHEN {keeper} IS NOT NULL THEN 'duplicate_of:' || {keeper} "
         f"WHEN {no_emb} THEN 'no_embedding:not_embedded' END AS reason, "
         f"CASE WHEN {not_ok} THEN {error} WHEN {failed} THEN {reasons} "
@@ -1269,6 +1334,10 @@ _PAIR_DOCS = {
     "found_by": "bitmask of the clusterings whose shared cluster found the pair",
 }
 COLUMN_DOCS: dict[str, dict[str, str]] = {
+    "classifier_scores": {
+        "image_id": "image_index.image_id", "label_set": "labels.label_set (one classifier per set)",
+        "score": "logistic-regression decision value on the embedding", "remove": "score ≥ the set's threshold",
+    },
     IMAGE_INDEX: {
         "image_id": "<shard>/<key>, unique", "shard": "partition key", "key": "file stem (escaped)",
         "location": "path, or <tar>::<header offset>/<member>", "caption": "sidecar .txt or metadata caption",
@@ -1360,4 +1429,6 @@ _SCHEMAS: dict[str, Callable[[], dict]] = {
     DUPLICATE_GROUPS: _groups_schema,
     FILTERED_DATASET: lambda: KEPT_SCHEMA,
     "regurgitation_audit": _audit_schema,
+    CLASSIFIER_SCORES: lambda: {"image_id": pl.String, "label_set": pl.String, "score": pl.Float64,
+                                "remove": pl.Boolean},
 }

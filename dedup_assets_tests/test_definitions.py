@@ -22,6 +22,7 @@ EXPECTED_ASSETS = {
     "verified_pairs",
     "candidate_pairs",
     "duplicate_groups",
+    "filter_classifiers",
     "filtered_dataset",
     "regurgitation_audit",
 }

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ASSETS = ["image_index", "prefilter", "embeddings", "clusterings", "candidate_pairs",
-          "duplicate_groups", "filtered_dataset", "regurgitation_audit"]
+          "duplicate_groups", "filter_classifiers", "filtered_dataset", "regurgitation_audit"]
 
 
 def _free_port() -> int:

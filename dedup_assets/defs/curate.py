@@ -52,7 +52,7 @@ class CurateResource(ConfigurableResource):
 @asset(
     group_name=GROUP,
     metadata={"dagster/column_schema": tables.column_schema("filtered_dataset")},
-    deps=["image_index", "prefilter", "embeddings", "clusterings", "duplicate_groups"],
+    deps=["image_index", "prefilter", "embeddings", "clusterings", "duplicate_groups", "filter_classifiers"],
     kinds={"duckdb", "parquet"},
     description=(
         "One row per image that survives decoding, the filters and deduplication, with a loss "

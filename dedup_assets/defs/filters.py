@@ -4,7 +4,7 @@
 import time
 
 import polars as pl
-from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResult, MetadataValue
+from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResult, MetadataValue, asset
 from PIL import Image
 from pydantic import Field
 
@@ -15,7 +15,7 @@ from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
 from dedup_assets.ingest.decode import decode_rgb
 from dedup_assets.ingest.shards import read_location
-from dedup_assets.tables import read_image_index
+from dedup_assets.tables import column_schema, read_image_index
 
 GROUP = "filters"
 
@@ -93,3 +93,105 @@ def prefilter(
             ),
         }
     )
+
+
+class ClassifierResource(ConfigurableResource):
+    """Filter classifiers trained from labels (table `labels`, `dedup-assets label`), one per label set."""
+
+    target_recall: float = Field(
+        default=0.95, description="Recall of labelled positives (cross-validated) the removal threshold must reach "
+        "(biased toward removal: higher removes more).")
+    queue_size: int = Field(default=48, description="Images per label set proposed for labelling next (per round).")
+    queue_diversity: float = Field(
+        default=0.9, description="No two proposed images have a cosine at or above this (near-copies are skipped).")
+
+
+@asset(
+    group_name=GROUP,
+    deps=["embeddings"],
+    metadata={"dagster/column_schema": column_schema("classifier_scores")},
+    kinds={"duckdb", "scikitlearn"},
+    description=(
+        "One classifier per label set of table `labels` (a few positive/negative images, from `dedup-assets "
+        "label` or a labelling page): a logistic regression on the embeddings, a removal threshold at the "
+        "cross-validated recall target, every image scored (classifier_scores; filtered_dataset removes "
+        "filter:classifier:<set>), and the next images to label (label_queue, labelling_<set>.html)."
+    ),
+)
+def filter_classifiers(
+    context: AssetExecutionContext, classifiers: ClassifierResource, warehouse: WarehouseResource
+) -> MaterializeResult:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dedup_assets import tables
+    from dedup_assets.filters.classifier import MIN_LABELS, UncertaintyQueue, fit_filter_classifier
+    from dedup_assets.filters.label_page import write_label_page
+
+    wh = warehouse.get()
+    started = time.perf_counter()
+    labels = tables.read_labels(wh)
+    store = tables.embedding_store(wh)
+    out = warehouse.directory / "classifiers"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    meta: dict = {"label_sets": MetadataValue.json(sorted(set(labels["label_set"].to_list())))}
+    parts, queues, fitted = [], [], []
+    for label_set, rows in sorted(labels.group_by("label_set"), key=lambda kv: kv[0][0]):
+        label_set = str(label_set[0])
+        want = dict(zip(rows["image_id"].to_list(), rows["label"].to_list()))
+        ids, vecs = [], []
+        for _, bids, bx in store.iter_batches(batch_rows=65_536):  # the labelled images' vectors (few)
+            hit = [k for k, i in enumerate(bids) if i in want]
+            ids += [bids[k] for k in hit]
+            vecs.append(bx[hit])
+        x = np.concatenate(vecs) if vecs else np.zeros((0, store.dim() or 0), np.float32)
+        y = np.array([want[i] for i in ids], bool)
+        if min(int(y.sum()), int((~y).sum())) < MIN_LABELS:
+            context.log.warning(f"label set {label_set!r}: {int(y.sum())} positive / {int((~y).sum())} negative labels "
+                                f"with vectors; needs {MIN_LABELS} of each — no classifier, nothing removed")
+            meta[f"{label_set}_status"] = f"needs ≥ {MIN_LABELS} labels of each kind (has {int(y.sum())}/{int((~y).sum())})"
+            continue
+        clf = fit_filter_classifier(x, y, target_recall=classifiers.target_recall)
+        queue = UncertaintyQueue(clf.threshold)
+        labelled = set(want)
+        for n, (_, bids, bx) in enumerate(store.iter_batches(batch_rows=65_536)):
+            score = clf.score(bx)
+            part = out / f"{label_set}_{n:05d}.parquet"
+            pq.write_table(pa.table({"image_id": bids, "label_set": [label_set] * len(bids), "score": score,
+                                     "remove": score >= clf.threshold}), part)
+            parts.append(part)
+            queue.add(bids, score, bx, labelled)
+        nxt = queue.next(classifiers.queue_size, classifiers.queue_diversity)
+        queues += [(label_set, r + 1, i, s) for r, (i, s) in enumerate(nxt)]
+        fitted.append((label_set, clf, nxt))
+        meta.update({
+            f"{label_set}_labels": clf.positives + clf.negatives,
+            f"{label_set}_cv_recall": round(clf.cv_recall, 4),
+            f"{label_set}_cv_precision": round(clf.cv_precision, 4),
+            f"{label_set}_threshold": round(clf.threshold, 4),
+        })
+        context.log.info(f"label set {label_set!r}: {clf.positives}+/{clf.negatives}- labels, {clf.folds}-fold CV "
+                         f"recall {clf.cv_recall:.3f} precision {clf.cv_precision:.3f} at threshold {clf.threshold:.3f}")
+    queue_df = pl.DataFrame(queues, schema={"label_set": pl.String, "rank": pl.Int32, "image_id": pl.String,
+                                            "score": pl.Float64}, orient="row")
+    removed = tables.replace_classifier_scores(wh, [f[0] for f in fitted], parts, queue_df)
+    for p in parts:
+        p.unlink()
+    for label_set, clf, nxt in fitted:
+        ids = [i for i, _ in nxt]
+        locs = wh.read_table("image_index", columns=["image_id", "location"], where="list_contains($ids, image_id)",
+                             params={"ids": ids}) if ids else pl.DataFrame({"image_id": [], "location": []})
+        page_path = write_label_page(
+            label_set, nxt, dict(zip(locs["image_id"].to_list(), locs["location"].to_list())), clf.threshold,
+            warehouse.directory / f"labelling_{label_set}.html",
+            {"positives": clf.positives, "negatives": clf.negatives, "cv_recall": clf.cv_recall,
+             "cv_precision": clf.cv_precision})
+        meta[f"{label_set}_removed"] = removed.get(label_set, 0)
+        meta[f"{label_set}_labelling_page"] = warehouse.link(page_path)
+    meta["seconds"] = round(time.perf_counter() - started, 3)
+    meta["dagster/row_count"] = int(wh.query("SELECT count(*) AS n FROM classifier_scores")["n"][0])
+    meta["images_removed"] = sum(removed.values())
+    return MaterializeResult(metadata=meta)
