@@ -169,7 +169,7 @@ class DedupResource(ConfigurableResource):
         "at a cost bounded per image.",
     )
     band_top_k: int = Field(
-        default=10, description="Neighbours per image taken from the band below τ − verify_margin (0 = no band)."
+        default=20, description="Neighbours per image taken from the band below τ − verify_margin (0 = no band)."
     )
     verify_pairs_per_step: int = Field(
         default=20_000, description="Candidate pairs per verification step (the fan-out of verified_pairs)."
