@@ -183,6 +183,7 @@ def test_ui_after_a_cli_run_keeps_its_settings_links_its_pages_and_runs_a_backfi
             for name in ASSETS:  # long names are shown middle-truncated ("regurgitati…_audit")
                 label = re.compile(rf"^({re.escape(name)}|{re.escape(name[:8])}.*….*{re.escape(name[-5:])})$")
                 page.get_by_text(label).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(3000)  # let the expanded layout settle and the edges draw
             shot = tmp_path / "lineage.png"
             page.screenshot(path=str(shot), full_page=True)
             # an asset page: its column schema with descriptions, and the review page as a link
