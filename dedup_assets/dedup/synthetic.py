@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from dedup_assets.embed.base import l2_normalize
+
 __all__ = ["TopicCoreEmbeddings", "make_embeddings", "perturb_to_cosine"]
 
 _CHUNK = 65_536
 
 
 def _normalize_rows(a: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    a /= norms
-    return a
+    return l2_normalize(a, dtype=None)  # keeps float64 where the generator works in float64
 
 
 def perturb_to_cosine(
@@ -63,20 +62,20 @@ def perturb_to_cosine(
     """
     m, d = seeds.shape
     iso = rng.standard_normal((m, d), dtype=np.float32)
-    _normalize_rows(iso)
+    iso = _normalize_rows(iso)
     if basis is not None and basis.ndim == 3 and lowrank_share > 0:
         low = np.einsum("mr,mrd->md", rng.standard_normal((m, basis.shape[1]), dtype=np.float32), basis)
-        _normalize_rows(low)
+        low = _normalize_rows(low)
         direction = np.sqrt(np.float32(lowrank_share)) * low + np.sqrt(np.float32(1 - lowrank_share)) * iso
     elif basis is not None and lowrank_share > 0:
         low = rng.standard_normal((m, basis.shape[1]), dtype=np.float32) @ basis.T
-        _normalize_rows(low)
+        low = _normalize_rows(low)
         direction = np.sqrt(np.float32(lowrank_share)) * low + np.sqrt(np.float32(1 - lowrank_share)) * iso
     else:
         direction = iso
     # Remove the seed component so the requested cosine is exact.
     direction -= np.sum(direction * seeds, axis=1, keepdims=True) * seeds
-    _normalize_rows(direction)
+    direction = _normalize_rows(direction)
     c = cosines.astype(np.float32)[:, None]
     out = c * seeds + np.sqrt(np.maximum(0.0, 1.0 - c * c)) * direction
     return _normalize_rows(out.astype(np.float32, copy=False))

@@ -54,11 +54,12 @@ def embed_images(embedder: Embedder, images: Sequence[Image.Image]) -> np.ndarra
     return embedder.embed_prepared([embedder.prepare(im.convert("RGB")) for im in images])
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalization into float32 (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
+def l2_normalize(x: np.ndarray, eps: float = 1e-12, dtype: type | None = np.float32) -> np.ndarray:
+    """Row-wise L2 normalization (zero rows stay zero), into `dtype` (None: the input's float type).
+    The one row normaliser of the package (embedders, k-means, bucket planning, synthetic data)."""
+    x = np.asarray(x, dtype=dtype)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+    return (x / np.maximum(norms, eps)).astype(x.dtype, copy=False)
 
 
 def image_text_cosine(images: np.ndarray, texts: np.ndarray) -> np.ndarray:

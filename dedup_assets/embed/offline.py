@@ -559,10 +559,6 @@ class OfflineEmbedder:
         parts.update(_colour_parts(colour))
         return {k: parts[k] for k in PARTS}, photo
 
-    def parts(self, image: Image.Image) -> dict[str, np.ndarray]:
-        """The unweighted descriptor parts, each unit-norm (for inspection and calibration)."""
-        return self.describe(image)[0]
-
     def prepare(self, image: Image.Image) -> np.ndarray:
         return _combine(*self.describe(image))
 

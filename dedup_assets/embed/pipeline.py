@@ -42,11 +42,11 @@ from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from dedup_assets.batching import batched
 from dedup_assets.embed.base import Embedder
 from dedup_assets.ingest.decode import DecodeError, decode_rgb
 
@@ -218,12 +218,6 @@ class _Collector:
             self._next_report = (len(self.ids) // self.every + 1) * self.every
 
 
-def _chunks(items: Iterable[tuple[str, bytes]], size: int) -> Iterator[list[tuple[str, bytes]]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
-
-
 def embed_stream(
     embedder: Embedder,
     items: Iterable[tuple[str, bytes]],
@@ -251,7 +245,7 @@ def embed_stream(
     started = time.perf_counter()
     out = _Collector(embedder, started, progress, progress_every)
     if workers == 0:
-        for chunk in _chunks(items, batch_size):
+        for chunk in batched(items, batch_size):
             out.add(_prepare_chunk(embedder, chunk, decode_side))
     else:
         with _torch_threads_beside(workers):
@@ -303,7 +297,7 @@ def _run_pool(
     ) as pool:
         in_flight: deque[Future[_Prepared]] = deque()
         try:
-            for chunk in _chunks(items, batch_size):
+            for chunk in batched(items, batch_size):
                 in_flight.append(pool.submit(_prepare_task, chunk, decode_side))
                 if len(in_flight) >= max_in_flight:
                     out.add(in_flight.popleft().result())

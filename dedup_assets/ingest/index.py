@@ -22,11 +22,11 @@ import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from itertools import islice
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import polars as pl
 
+from dedup_assets.batching import batched
 from dedup_assets.ingest.decode import DecodeLimits, ProbeResult, probe
 from dedup_assets.ingest.shards import ReadLimits, Record, Shard, Skipped, iter_shard
 
@@ -47,12 +47,6 @@ INDEX_SCHEMA: dict[str, pl.DataType] = {
     "status": pl.String,
     "error": pl.String,
 }
-
-
-def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    it = iter(records)
-    while chunk := list(islice(it, size)):
-        yield chunk
 
 
 def _metadata_json(meta: dict[str, Any] | None) -> str | None:
@@ -174,7 +168,7 @@ def index_shard(
     prober = _Prober(workers, limits)
     next_report = progress_every
     try:
-        for recs in _windows(iter_shard(shard, read_limits, skipped), window):
+        for recs in batched(iter_shard(shard, read_limits, skipped), window):
             readable = [r for r in recs if r.read_status is None]
             results = iter(prober.run([r.data for r in readable]))
             rows.extend(_row(shard, r, next(results) if r.read_status is None else None) for r in recs)
