@@ -454,7 +454,7 @@ def _serve_reports(directory: Path, base_url: str):  # noqa: ANN202
     from urllib.parse import urlparse
 
     url = urlparse(base_url)
-    if url.hostname not in ("127.0.0.1", "localhost") or not url.port:
+    if url.hostname not in ("127.0.0.1", "localhost") or not url.port or url.path not in ("", "/"):
         return None  # served elsewhere (a web server or bucket the user runs): nothing to start here
 
     class Quiet(SimpleHTTPRequestHandler):
@@ -464,7 +464,11 @@ def _serve_reports(directory: Path, base_url: str):  # noqa: ANN202
         def do_PUT(self) -> None:  # read-only
             self.send_error(405)
 
-    server = ThreadingHTTPServer(("127.0.0.1", url.port), functools.partial(Quiet, directory=str(directory)))
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", url.port), functools.partial(Quiet, directory=str(directory)))
+    except OSError as e:
+        raise ValueError(f"cannot serve the review pages on {base_url} ({e}); pass --port N or set "
+                         "DEDUP_ASSETS_REPORT_BASE_URL to a free loopback port") from e
     threading.Thread(target=server.serve_forever, daemon=True, name="review-pages").start()
     return server
 

@@ -255,6 +255,12 @@ CLIP_SCORES_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def delete_clip_scores(wh: Warehouse, shard: str) -> None:
+    """Drop one shard's clip scores (its vectors were rewritten or deleted: old scores must not stay)."""
+    if wh.table_exists(CLIP_SCORES):
+        wh.delete_partition(CLIP_SCORES, "shard", shard)
+
+
 def write_clip_scores(wh: Warehouse, shard: str, df: pl.DataFrame) -> int:
     """Replace one shard's image–caption cosines (CLIP score), one transaction."""
     return wh.replace_partition(CLIP_SCORES, df.select(list(CLIP_SCORES_SCHEMA)).cast(CLIP_SCORES_SCHEMA), "shard", shard)
@@ -307,6 +313,9 @@ def replace_classifier_scores(wh: Warehouse, label_sets: Sequence[str], files: S
                 lit = "[" + ", ".join(_sql_str(Path(f).resolve()) for f in files) + "]"
                 con.execute(f"INSERT INTO {CLASSIFIER_SCORES} SELECT image_id, label_set, score, remove "
                             f"FROM read_parquet({lit})")
+            if table_exists(con, LABELS):  # a human label overrides the classifier's decision
+                con.execute(f"UPDATE {CLASSIFIER_SCORES} c SET remove = l.label FROM {LABELS} l "
+                            "WHERE l.image_id = c.image_id AND l.label_set = c.label_set")
             con.register("__queue", queue)
             try:
                 con.execute(f"CREATE OR REPLACE TABLE {LABEL_QUEUE} AS SELECT * FROM __queue")
@@ -1115,8 +1124,8 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
     if embedded:
         joins.append(f"LEFT JOIN (SELECT DISTINCT image_id FROM {EMBEDDINGS}) e ON e.image_id = i.image_id")
         no_emb = "e.image_id IS NULL"
-    if min_clip_score is not None:  # an embedded image without a score (embedded before scoring) is removed too
-        clip = f"(cs.clip_score < {float(min_clip_score)!r} OR (cs.image_id IS NULL AND NOT {no_emb}))"
+    if min_clip_score is not None:  # an embedded image without a score (no caption, or embedded before scoring) goes too
+        clip = f"(NOT {no_emb} AND (cs.clip_score IS NULL OR cs.clip_score < {float(min_clip_score)!r}))"
     not_ok = "(i.status IS NULL OR i.status <> 'ok')"
     return (
         "SELECT i.image_id, i.shard, i.key, i.location, i.caption, CAST(i.width AS INTEGER) AS width, "
@@ -1129,7 +1138,8 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
         f"WHEN {no_emb} THEN 'no_embedding:not_embedded' END AS reason, "
         f"CASE WHEN {not_ok} THEN {error} WHEN {failed} THEN {reasons} "
         + (f"WHEN {clip} THEN 'clip_score=' || coalesce(CAST(round(CAST(cs.clip_score AS DOUBLE), 4) AS VARCHAR), 'none') "
-           if min_clip_score is not None else "") +
+           if min_clip_score is not None else "")
+        + (f"WHEN {classified} IS NOT NULL THEN 'classifier score ≥ threshold' " if classified != "NULL" else "") +
         f"WHEN {keeper} IS NOT NULL THEN 'similarity=' || CAST(round(CAST({sim} AS DOUBLE), 4) AS VARCHAR) END AS detail "
         f"FROM {IMAGE_INDEX} i " + " ".join(joins)
     )
@@ -1259,8 +1269,13 @@ def kept_mask(wh: Warehouse, ids: Sequence[str]) -> np.ndarray:
     """For each id (a sample, not every image): is it in filtered_dataset?"""
     if not len(ids):
         return np.zeros(0, bool)
-    kept = set(wh.query(f"SELECT image_id FROM {FILTERED_DATASET} WHERE list_contains($ids, image_id)",
-                        {"ids": list(ids)})["image_id"].to_list())
+    with wh.connect() as con:
+        con.register("__ids", pl.DataFrame({"image_id": list(ids)}, schema={"image_id": pl.String}))
+        try:
+            kept = set(con.sql(f"SELECT f.image_id FROM {FILTERED_DATASET} f SEMI JOIN __ids USING (image_id)")
+                       .pl()["image_id"].to_list())
+        finally:
+            con.unregister("__ids")
     return np.fromiter((i in kept for i in ids), bool, len(ids))
 
 

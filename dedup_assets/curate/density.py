@@ -13,7 +13,8 @@ ratio(x) = exp(f(x)) · n_kept / n_pre. Weights are clip(s · ratio, min, max) w
 that makes their mean over the kept images exactly 1 (`reweight._solve_scale`, here over a
 histogram of log ratios so that no step holds one number per image).
 
-How well it worked is measured on held-out vectors the classifier never saw: the AUC of its score
+How well it worked is measured on a held-out part of the sample (split once, so no held-out vector
+was seen in training, neither as pre-filter nor as kept): the AUC of its score
 between pre-filter and kept images, unweighted (how visible the filter's cut is) and with the kept
 images weighted (≈ 0.5 when the weights undo the cut). Kept images are a subset of the pre-filter
 set, so even a perfect classifier's unweighted AUC stays below 1.
@@ -55,28 +56,29 @@ def _auc(pos: np.ndarray, neg: np.ndarray, neg_weight: np.ndarray | None = None)
 
 
 def fit_density_ratio(
-    pre: np.ndarray, kept: np.ndarray, min_weight: float = 0.1, max_weight: float = 10.0,
+    x: np.ndarray, is_kept: np.ndarray, min_weight: float = 0.1, max_weight: float = 10.0,
     holdout: float = 0.3, c: float = 1.0, seed: int = 0,
 ) -> DensityRatio:
-    """Fit on samples of pre-filter vectors and kept vectors ((n, d) each); report on a held-out part."""
+    """Fit on a sample of pre-filter vectors `x` ((n, d)) of which `is_kept` marks the kept ones; the
+    sample is split once, so no held-out vector (as pre-filter or as kept) was seen in training."""
     from sklearn.linear_model import LogisticRegression
 
     from dedup_assets.curate.reweight import _solve_scale
 
-    pre, kept = np.asarray(pre, np.float32), np.asarray(kept, np.float32)
-    if pre.ndim != 2 or kept.ndim != 2 or pre.shape[1] != kept.shape[1]:
-        raise ValueError(f"pre and kept must be (n, d) with one d, got {pre.shape} and {kept.shape}")
-    if min(len(pre), len(kept)) < 20:
-        raise ValueError(f"too few vectors to fit a density ratio: {len(pre)} pre-filter, {len(kept)} kept (need 20 each)")
-    rng = np.random.default_rng(seed)
-
-    def split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = rng.permutation(len(a))
-        cut = max(1, int(round(len(a) * (1 - holdout))))
-        return a[order[:cut]], a[order[cut:]]
-
-    pre_tr, pre_te = split(pre)
-    kept_tr, kept_te = split(kept)
+    x, is_kept = np.asarray(x, np.float32), np.asarray(is_kept, bool)
+    if x.ndim != 2 or is_kept.shape != (len(x),):
+        raise ValueError(f"x must be (n, d) and is_kept one flag per row, got {x.shape} and {is_kept.shape}")
+    if min(len(x), int(is_kept.sum())) < 20:
+        raise ValueError(f"too few vectors to fit a density ratio: {len(x)} pre-filter, {int(is_kept.sum())} kept "
+                         "(need 20 each)")
+    order = np.random.default_rng(seed).permutation(len(x))
+    cut = max(1, int(round(len(x) * (1 - holdout))))
+    train, test = np.zeros(len(x), bool), np.zeros(len(x), bool)
+    train[order[:cut]], test[order[cut:]] = True, True
+    pre_tr, kept_tr = x[train], x[train & is_kept]
+    pre_te, kept_te = x[test], x[test & is_kept]
+    if len(kept_tr) == 0:
+        raise ValueError("no kept vector in the training part of the sample")
     clf = LogisticRegression(C=c, max_iter=2000)
     clf.fit(np.r_[pre_tr, kept_tr], np.r_[np.ones(len(pre_tr)), np.zeros(len(kept_tr))])
     model = DensityRatio(

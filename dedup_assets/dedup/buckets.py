@@ -352,7 +352,9 @@ def bucket_pair_chunks(
                 stats.comparisons += block_comparisons(rows.size, None, block_size)
             stats.clusters_searched += 1
             if band is not None and gi.size:
-                keep = band_keep(gi, gj, sim, band[0], band[1])
+                # incremental: the new images' own top k (gi is the new end); old images' band pairs
+                # are not re-ranked, so a run adds at most k band pairs per new image and cluster
+                keep = band_keep(gi, gj, sim, band[0], band[1], ends="i" if is_new is not None else "both")
                 gi, gj, sim = gi[keep], gj[keep], sim[keep]
             if gi.size:
                 yield (np.minimum(gi, gj).astype(np.int32), np.maximum(gi, gj).astype(np.int32),

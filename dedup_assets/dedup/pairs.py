@@ -180,22 +180,28 @@ def brute_force_pairs(x: np.ndarray, threshold: float, block_size: int = 4096, d
     return _sorted_pairs(i, j, sim, np.zeros(i.shape[0], np.uint8), comparisons)
 
 
-def band_keep(i: np.ndarray, j: np.ndarray, sim: np.ndarray, hi: float, k: int) -> np.ndarray:
+def band_keep(i: np.ndarray, j: np.ndarray, sim: np.ndarray, hi: float, k: int, ends: str = "both") -> np.ndarray:
     """Which pairs to keep when the search reaches below `hi` into a band: every pair ≥ hi, and a
-    pair in the band (< hi) only when it is among the k most similar band pairs of i or of j.
+    pair in the band (< hi) only when it is among the k most similar band pairs of i or of j
+    (`ends="i"`: of i only — the incremental search ranks the new images' pairs only).
 
-    This bounds the band's pairs to at most 2·k per image of the scope searched (one cluster), so a
-    recall-oriented search far below τ costs in proportion to N rather than to the density of the
-    band. Ties rank by the other end's index (deterministic). k = 0 keeps no band pair."""
+    Each image keeps k band pairs of its own, so the band's pairs number at most k·n per scope
+    searched (one cluster of n images; 2·k per image on average, more for a hub that is in many
+    others' top k): a recall-oriented search far below τ costs in proportion to N rather than to the
+    density of the band. Ties rank by the other end's index (deterministic). k = 0 keeps no band pair."""
     i, j, sim = np.asarray(i), np.asarray(j), np.asarray(sim)
     keep = sim >= hi
     band = np.flatnonzero(~keep)
     if k <= 0 or band.size == 0:
         return keep
-    ends = np.concatenate([i[band], j[band]])
-    other = np.concatenate([j[band], i[band]])
-    s = np.concatenate([sim[band], sim[band]])
-    which = np.concatenate([band, band])
+    if ends == "i":
+        ends_, other, s, which = i[band], j[band], sim[band], band
+    else:
+        ends_ = np.concatenate([i[band], j[band]])
+        other = np.concatenate([j[band], i[band]])
+        s = np.concatenate([sim[band], sim[band]])
+        which = np.concatenate([band, band])
+    ends = ends_
     order = np.lexsort((other, -s, ends))  # by end, then most similar first
     ends_sorted = ends[order]
     first = np.ones(order.size, dtype=bool)

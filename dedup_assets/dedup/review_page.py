@@ -1,8 +1,8 @@
 """The duplicate-groups review page.
 
 One row of thumbnails per duplicate group (keeper outlined), with a small inline script to re-sort
-by size or by loosest member and a similarity slider — starting at the τ the groups were built
-with — that dims members below it and hides groups left without a duplicate, to tune τ by eye.
+by size or by loosest member and a similarity slider — starting at the lowest similarity an edge
+can have — that dims members below it and hides groups left without a duplicate, to tune τ by eye.
 Members that a generated image matched (from an audit frame) carry a badge linking to the audit
 page, and the page links to the audit page, which links its training images back here.
 """
@@ -86,7 +86,8 @@ def write_groups_review_html(
     `verdicts`: optional member image_id → (verification verdict of its pair with the keeper,
     agreeing matches, their x/y in the member as fractions) — the matches are drawn over the
     member's thumbnail, so a person sees why the pair was accepted.
-    `tau`: the threshold the groups were built with — where the slider starts.
+    `tau`: the lowest similarity a duplicate edge can have (τ, or the verification band's floor) —
+    where the slider starts, so the page opens on the groups as built.
     The slider's count is approximate: it uses each member's similarity to its keeper, while
     the real pipeline regroups through pairs.
     """

@@ -211,7 +211,7 @@ def _refresh_groups_page(wh, warehouse: WarehouseResource, dedup: DedupResource,
     link to the audit page follow this audit."""
     if not wh.table_exists("duplicate_groups"):
         return None
-    return write_review_page(wh, warehouse, dedup.search_tau(embedder))
+    return write_review_page(wh, warehouse, dedup.edge_floor(embedder))
 
 
 def _verify_audit(table: pl.DataFrame, gen_paths: dict, locations: dict, audit: AuditResource, tau: float,

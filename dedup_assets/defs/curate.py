@@ -120,7 +120,7 @@ def _classifier_weights(context: AssetExecutionContext, curate: CurateResource, 
     store = tables.embedding_store(wh)
     ids, x = store.sample(curate.reweight_sample, seed=17)
     kept = tables.kept_mask(wh, ids)
-    model = fit_density_ratio(x, x[kept], cfg.min_weight, cfg.max_weight)
+    model = fit_density_ratio(x, kept, cfg.min_weight, cfg.max_weight)
     context.log.info(
         f"density-ratio classifier on {model.n_train[0]} pre-filter / {model.n_train[1]} kept vectors: held-out AUC "
         f"{model.auc_unweighted:.3f} unweighted, {model.auc_weighted:.3f} weighted (0.5 = the cut is undone)")

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+import duckdb
 import numpy as np
 import polars as pl
 from dagster import (
@@ -190,6 +191,11 @@ class DedupResource(ConfigurableResource):
     def search_tau(self, embedder: EmbedderResource) -> float:
         """The cosine down to which every pair is a candidate (τ, or τ − verify_margin when verifying)."""
         return search_threshold(self.tau(embedder), self.verifying(embedder), self.verify_margin)
+
+    def edge_floor(self, embedder: EmbedderResource) -> float:
+        """The lowest cosine a duplicate edge can have (where the review page's τ slider starts)."""
+        band = self.band(embedder)
+        return band[0] if band else self.search_tau(embedder)
 
     def band(self, embedder: EmbedderResource) -> tuple[float, float, int] | None:
         """(floor, hi, k) of the band searched below search_tau, or None (no verification, or k = 0)."""
@@ -444,7 +450,8 @@ def search_bucket(
     mode = "full"
     if (manifest and manifest.get("fit_id") == fit.fit_id and manifest.get("threshold") == tau
             and manifest.get("band") == (list(band_args) if band_args else None)
-            and manifest.get("format") == PAIR_FILE_FORMAT and files.pairs_path(fit.fit_id, bucket).exists()):
+            and manifest.get("format") == PAIR_FILE_FORMAT and manifest.get("duckdb") == duckdb.__version__
+            and files.pairs_path(fit.fit_id, bucket).exists()):
         before = manifest.get("stamps", {})
         dirty = {stem_part[s] for s, st in data.stamps.items() if before.get(s) != st}
         dirty |= {manifest.get("partitions", {}).get(s, "") for s in set(before) - set(data.stamps)}
@@ -476,7 +483,7 @@ def search_bucket(
         n_new, n_total = spill.finish(
             data.ids, data.partitions, data.partition_of,
             {"fit_id": fit.fit_id, "threshold": tau, "band": list(band_args) if band_args else None,
-             "format": PAIR_FILE_FORMAT,
+             "format": PAIR_FILE_FORMAT, "duckdb": duckdb.__version__,  # its hash() places pairs in merge passes
              "stamps": data.stamps, "partitions": stem_part},
             old_dirty=old_dirty,
         )
@@ -780,7 +787,7 @@ def duplicate_groups(
                          "duplicate group sizes", "members", "groups"),
             "group size histogram", "duplicate_groups_sizes",
         )
-    review = write_review_page(wh, warehouse, dedup.search_tau(embedder))
+    review = write_review_page(wh, warehouse, dedup.edge_floor(embedder))
     if review is not None:
         meta["review_page"] = warehouse.link(review)
     return MaterializeResult(metadata=meta)
@@ -791,7 +798,7 @@ REVIEW_GROUPS = 500  # groups shown on the review page (largest, then loosest)
 def write_review_page(wh: Warehouse, warehouse: WarehouseResource, tau: float) -> Path | None:
     """The static HTML page for looking through groups (written next to the warehouse): the
     REVIEW_GROUPS largest groups and the REVIEW_GROUPS loosest, so the page stays small; its slider
-    starts at `tau`. When an audit page is there, flagged members link to it (the audit rewrites
+    starts at `tau` (the lowest similarity an edge can have). When an audit page is there, flagged members link to it (the audit rewrites
     this page after each audit, so the badges are current)."""
 
     groups = wh.query(

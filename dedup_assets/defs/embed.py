@@ -29,6 +29,7 @@ from dedup_assets.ingest.clip_retrieval import EmbeddingsInputError, discover_pa
 from dedup_assets.ingest.shards import ReadLimits, Shard, find_shard, iter_shard
 from dedup_assets.tables import (
     CLIP_SCORES_SCHEMA,
+    delete_clip_scores,
     delete_embeddings,
     embedding_store,
     ensure_embeddings,
@@ -108,15 +109,20 @@ def embeddings(
             write_embeddings(wh, shard.name, [(result.ids, result.vectors)], emb.model_id, int(result.vectors.shape[1]))
         else:
             delete_embeddings(wh, shard.name)
-        if embedder.clip_score:
+        delete_clip_scores(wh, shard.name)  # scores always belong to the vectors just written
+        if embedder.clip_score and n_vec:
             captions = dict(zip(ok_rows["image_id"].to_list(), ok_rows["caption"].to_list()))
-            t = emb.embed_texts([captions.get(i) or "" for i in result.ids])
+            texts = [(captions.get(i) or "").strip() for i in result.ids]
+            t = emb.embed_texts(texts)
             cos = image_text_cosine(result.vectors, t)
+            cos = [float(c) if txt else None for c, txt in zip(cos.tolist(), texts)]  # no caption: no score
             write_clip_scores(wh, shard.name, pl.DataFrame({
                 "image_id": result.ids, "shard": [shard.name] * n_vec, "clip_score": cos,
                 "model": [emb.model_id] * n_vec}, schema=CLIP_SCORES_SCHEMA))
-            scored.extend(cos.tolist())
-            context.log.info(f"[{shard.name}] clip scores of {n_vec} images: median {np.median(cos) if n_vec else 0:.3f}")
+            have = [c for c in cos if c is not None]
+            scored.extend(have)
+            context.log.info(f"[{shard.name}] clip scores of {len(have)} captioned images"
+                             + (f": median {np.median(have):.3f}" if have else ""))
         rows += n_vec
         failures.extend(result.failures)
         missing += len(ok_ids) - n_vec - len(result.failures)

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-_TOKEN = re.compile(r"[A-Za-z][A-Za-z'\-]*\.?|\S")
+_WORD = re.compile(r"[^\W\d_][\w'\-]*\.?")  # a word of letters (any script), with an optional full stop
 _ORG_SUFFIX = {"Inc", "Inc.", "Corp", "Corp.", "Ltd", "Ltd.", "LLC", "Company", "University", "College", "Bank",
                "Airlines"}
 
@@ -69,57 +69,63 @@ def gazetteer() -> Gazetteer:
 
 
 def _cap(tok: str) -> bool:
-    return tok[:1].isupper() and tok[1:2].islower() or (len(tok) == 2 and tok[0].isupper() and tok[1] == ".")
+    return (tok[:1].isupper() and tok[1:2].islower()) or (len(tok) == 2 and tok[0].isupper() and tok[1] == ".")
 
 
 def hypernymize(caption: str | None, gaz: Gazetteer | None = None) -> tuple[str | None, list[tuple[str, str]]]:
-    """(caption with names replaced, [(name, hypernym)]); None stays None."""
+    """(caption with names replaced, [(name, hypernym)]); None stays None. Only the matched spans are
+    replaced: everything else (digits, punctuation, other scripts, spacing) is left as it was."""
     if not caption:
         return caption, []
     gaz = gaz or gazetteer()
-    toks = _TOKEN.findall(caption)
+    spans = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(caption)]
+    words = [w.rstrip(".") if len(w) > 2 else w for _, _, w in spans]  # "Chicago." → "Chicago"; "J." stays
     out: list[str] = []
     done: list[tuple[str, str]] = []
+    pos = 0
     i = 0
-    while i < len(toks):
-        t = toks[i]
-        initial = i == 0 or toks[i - 1] in (".", "!", "?")
+    while i < len(spans):
+        t = words[i]
+        # sentence-initial: the first word, or after . ! ? (the text between the two words says)
+        gap = caption[spans[i - 1][1] - 1: spans[i][0]] if i else ""
+        initial = i == 0 or any(p in gap for p in ".!?")
         match = None
         if _cap(t):
-            # person: First [Middle|M.] Last
-            if t in gaz.first:
+            if t in gaz.first:  # person: First [Middle|M.] Last
                 for span in (3, 2):
-                    cand = toks[i:i + span]
+                    cand = words[i:i + span]
                     if len(cand) == span and all(_cap(c) for c in cand) and cand[-1] in gaz.last:
                         match = (span, "person")
                         break
-            # place (longest first)
-            if match is None:
+            if match is None:  # place, longest first
                 for span in (3, 2, 1):
-                    cand = tuple(toks[i:i + span])
+                    cand = tuple(words[i:i + span])
                     if len(cand) == span and cand in gaz.places:
                         if span == 1 and (initial or t.lower() in gaz.common):
                             continue
                         match = (span, gaz.places[cand])
                         break
-            # organisation: Capitalized ... Suffix
-            if match is None:
+            if match is None:  # organisation: Capitalized … Suffix
                 j = i
-                while j < len(toks) and _cap(toks[j]) and toks[j] not in _ORG_SUFFIX:
+                while j < len(words) and _cap(words[j]) and spans[j][2] not in _ORG_SUFFIX and words[j] not in _ORG_SUFFIX:
                     j += 1
-                if j < len(toks) and toks[j] in _ORG_SUFFIX and j > i:
+                if j < len(words) and j > i and (spans[j][2] in _ORG_SUFFIX or words[j] in _ORG_SUFFIX):
                     match = (j - i + 1, "organization")
         if match:
             span, kind = match
-            done.append((" ".join(toks[i:i + span]), kind))
-            out.append(kind)
+            a, b = spans[i][0], spans[i + span - 1][1]
+            name = caption[a:b]
+            if name.endswith(".") and not name.endswith(("Inc.", "Corp.", "Ltd.")) and len(spans[i + span - 1][2]) > 2:
+                b -= 1  # keep a sentence's full stop
+                name = name[:-1]
+            out.append(caption[pos:a] + kind)
+            pos = b
+            done.append((name, kind))
             i += span
         else:
-            out.append(t)
             i += 1
-    text = " ".join(out)
-    text = re.sub(r"\s+([,.;:!?)])", r"\1", text).replace("( ", "(")
-    return (text if done else caption), done
+    out.append(caption[pos:])
+    return ("".join(out) if done else caption), done
 
 
 def hypernymize_frame(df, gaz: Gazetteer | None = None):  # noqa: ANN001, ANN201 - polars in, polars out

@@ -34,6 +34,11 @@ def test_known_answers() -> None:
     assert hypernymize("students at Stanford University")[0] == "students at organization"
     assert hypernymize("Reading a book by the window") == ("Reading a book by the window", [])
     assert hypernymize(None) == (None, [])
+    # only the names change: digits, other scripts, punctuation and full stops stay as they were
+    assert hypernymize("John Smith in 2019 at 3.5 m")[0] == "person in 2019 at 3.5 m"
+    assert hypernymize("a day in Zürich with John Smith.")[0] == "a day in city with person."
+    assert hypernymize("Mary Johnson (left) in Sydney!")[0] == "person (left) in city!"
+    assert hypernymize("Apple Inc. unveils a phone")[0] == "organization unveils a phone"
 
 
 def test_precision_and_recall_on_labelled_captions() -> None:
