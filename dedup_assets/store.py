@@ -280,11 +280,13 @@ class EmbeddingStore:
             raise StoreError(f"batch_rows must be ≥ 1, got {batch_rows}")
         for key, path in self._selected(partitions):
             d = int(_meta(path)[_META_DIM])
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=["image_id", "embedding"]):
-                if batch.num_rows == 0:
-                    continue
-                yield key, batch.column(0).to_pylist(), _to_matrix(batch.column(1), batch.num_rows, d)
+            with pq.ParquetFile(path) as pf:  # closed (and its buffers freed) before the next partition
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=["image_id", "embedding"]):
+                    if batch.num_rows == 0:
+                        continue
+                    yield key, batch.column(0).to_pylist(), _to_matrix(batch.column(1), batch.num_rows, d)
+                    del batch
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise
 
     def read_rows(self, partition: str, rows: np.ndarray) -> np.ndarray:
         """Float32 vectors of the given row positions of one partition, in the order given.
