@@ -274,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print("\nFAILED steps:\n  " + "\n  ".join(failures))
         return 1
     _print(
-        f"\nOpen the UI:  DAGSTER_HOME={home} dagster dev -w workspace.yaml   (or `make dev`)\n"
+        f"\nOpen the UI:  DAGSTER_HOME={home} dedup-assets dev   (or `make dev`: the UI and the review pages)\n"
         f"Query:        duckdb {settings.warehouse} \"SELECT * FROM filtered_dataset LIMIT 5\""
     )
     return 0
