@@ -153,15 +153,18 @@ def filter_classifiers(
         old.unlink()
     meta: dict = {"label_sets": MetadataValue.json(sorted(set(labels["label_set"].to_list())))}
     parts, queues, fitted = [], [], []
+    labelled_ids = set(labels["image_id"].to_list())
+    vectors: dict[str, np.ndarray] = {}
+    if labelled_ids:
+        for _, bids, bx in store.iter_batches(batch_rows=65_536):  # every labelled image's vector, one pass
+            for k, i in enumerate(bids):
+                if i in labelled_ids:
+                    vectors[i] = bx[k]
     for label_set, rows in sorted(labels.group_by("label_set"), key=lambda kv: kv[0][0]):
         label_set = str(label_set[0])
         want = dict(zip(rows["image_id"].to_list(), rows["label"].to_list()))
-        ids, vecs = [], []
-        for _, bids, bx in store.iter_batches(batch_rows=65_536):  # the labelled images' vectors (few)
-            hit = [k for k, i in enumerate(bids) if i in want]
-            ids += [bids[k] for k in hit]
-            vecs.append(bx[hit])
-        x = np.concatenate(vecs) if vecs else np.zeros((0, store.dim() or 0), np.float32)
+        ids = [i for i in want if i in vectors]
+        x = np.stack([vectors[i] for i in ids]) if ids else np.zeros((0, store.dim() or 0), np.float32)
         y = np.array([want[i] for i in ids], bool)
         if min(int(y.sum()), int((~y).sum())) < MIN_LABELS:
             context.log.warning(f"label set {label_set!r}: {int(y.sum())} positive / {int((~y).sum())} negative labels "

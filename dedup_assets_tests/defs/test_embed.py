@@ -59,18 +59,9 @@ TINY = "dedup-assets-wiring-tiny-vit"  # an open_clip config registered in this 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
-    import json
+    from dedup_assets_tests.openclip_helpers import register_tiny_clip
 
-    import open_clip
-
-    d = tmp_path_factory.mktemp("cfg")
-    (d / f"{TINY}.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(d / f"{TINY}.json")
-    return TINY
+    return register_tiny_clip(tmp_path_factory.mktemp("cfg"), TINY)
 
 
 def test_clip_score_filter_removes_images_below_the_threshold(

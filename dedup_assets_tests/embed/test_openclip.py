@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import socket
 import time
 from pathlib import Path
@@ -176,16 +175,9 @@ def test_cuda_without_a_gpu_errors_clearly() -> None:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny ViT CLIP registered with open_clip in THIS process only: workers never see it."""
-    import open_clip
+    from dedup_assets_tests.openclip_helpers import register_tiny_clip
 
-    d = tmp_path_factory.mktemp("cfg")
-    (d / f"{TINY}.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(d / f"{TINY}.json")
-    return TINY
+    return register_tiny_clip(tmp_path_factory.mktemp("cfg"), TINY)
 
 
 def test_pipeline_with_workers_equals_in_process(tiny_model: str) -> None:
