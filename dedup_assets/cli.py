@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from dagster import Definitions
 
-    from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources, corpus_job
+    from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources, classifier_job, corpus_job
     from dedup_assets.defs.ingest import record_root_skips, shard_job
     from dedup_assets.defs.partitions import register_shards_on
     from dedup_assets.ingest.shards import discover_shards, escape
@@ -208,7 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     recorded = {} if getattr(args, "force", False) else state.recorded()
     config = _per_shard_config(resources)
     # the named jobs, so that the runs list says what ran (not __ephemeral_asset_job__)
-    jobs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[shard_job, corpus_job], resources=resources)
+    jobs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[shard_job, classifier_job, corpus_job],
+                       resources=resources)
     failures: list[str] = []
     shard_check_failures: list[str] = []
     started = time.perf_counter()
@@ -223,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _print(f"[{n}/{len(keys)}] {kind} {key}: unchanged since its last successful run, skipped (--force redoes it)")
             continue
         state.forget(key)
-        result = jobs.get_job_def("shard_job").execute_in_process(
+        result = jobs.resolve_job_def("shard_job").execute_in_process(
             partition_key=key,
             run_config={"loggers": QUIET},
             resources=resources,
@@ -255,8 +256,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         + (f"; {resumed} unchanged {kind}(s) skipped" if resumed else "")
     )
 
+    from dedup_assets.defs.partitions import register_label_sets_on
+    from dedup_assets.tables import label_set_names
+
+    label_sets = label_set_names(wh)  # each set's filter classifier, retrained on this run's vectors
+    register_label_sets_on(instance, label_sets)
+    for name in label_sets:
+        t0 = time.perf_counter()
+        result = jobs.resolve_job_def("classifier_job").execute_in_process(
+            partition_key=name, run_config={"loggers": QUIET}, resources=resources, instance=instance,
+            raise_on_error=False, tags=tags,
+        )
+        _print(f"label set {name}: classifier {'ok' if result.success else 'FAILED'} in "
+               f"{time.perf_counter() - t0:.1f}s  run {result.run_id[:8]}")
+        if not result.success:
+            failures.extend(_failed_steps(result))
+
     t0 = time.perf_counter()
-    result = jobs.get_job_def("corpus_job").execute_in_process(
+    result = jobs.resolve_job_def("corpus_job").execute_in_process(
         run_config={
             "ops": {"clusterings": {"config": {"refit": bool(getattr(args, "refit", False))}}},
             "loggers": QUIET,
@@ -437,9 +454,17 @@ def cmd_label(args: argparse.Namespace) -> int:
     n = tables.write_labels(wh, pl.DataFrame({
         "image_id": [i for i, _ in rows], "label_set": [args.label_set] * len(rows), "label": [v for _, v in rows],
         "source": [args.source] * len(rows), "labelled_at": [now] * len(rows)}))
-    labels = tables.read_labels(wh).filter(pl.col("label_set") == args.label_set)
+    labels = tables.read_labels(wh, args.label_set)
+    from dedup_assets.defs.partitions import register_label_sets_on
+    from dedup_assets.instance import open_instance
+
+    home = _dagster_home(args.dagster_home, Path(args.warehouse).resolve())
+    added = register_label_sets_on(open_instance(home), [args.label_set])
     _print(f"label set {args.label_set}: {n} labels written; {int(labels['label'].sum())} positive, "
-           f"{int((~labels['label']).sum())} negative in all — materialize filter_classifiers to retrain")
+           f"{int((~labels['label']).sum())} negative in all"
+           + (f"; partition {args.label_set!r} of label_sets added in {home}" if added else "")
+           + f" — materialize filter_classifiers[{args.label_set}] to retrain (`dedup-assets run` does, and so does "
+           "the label sensor when it is on)")
     return 0
 
 
@@ -574,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="labels from a labelling page's download (JSON) or 'image_id<TAB>1|0' lines")
     lab.add_argument("--warehouse", default=None, help="DuckDB file (default: DEDUP_ASSETS_WAREHOUSE or the settings file)")
     lab.add_argument("--source", default="cli", help="who labelled (recorded with each label)")
+    lab.add_argument("--dagster-home", default=None,
+                     help="instance whose label_sets partitions get the set (default: as `run` picks it)")
     lab.set_defaults(func=cmd_label)
 
     v = sub.add_parser("dev", help="the Dagster UI on this configuration, with the review pages served")

@@ -32,7 +32,13 @@ from dedup_assets.defs.dedup import (
     verified_pairs,
 )
 from dedup_assets.defs.embed import embeddings, embeddings_unit_norm_one_model
-from dedup_assets.defs.filters import ClassifierResource, PrefilterResource, filter_classifiers, prefilter
+from dedup_assets.defs.filters import (
+    ClassifierResource,
+    PrefilterResource,
+    filter_classifiers,
+    label_sensor,
+    prefilter,
+)
 from dedup_assets.defs.ingest import (
     discover_shards_job,
     discovery_schedule,
@@ -41,14 +47,15 @@ from dedup_assets.defs.ingest import (
     shard_job,
     shard_sensor,
 )
-from dedup_assets.defs.partitions import shards_partitions
+from dedup_assets.defs.partitions import label_sets_partitions, shards_partitions
 from dedup_assets.defs.resources import resources_from_settings
 from dedup_assets.settings import Settings
 
 PER_SHARD_ASSETS = [image_index, prefilter, embeddings]
-CORPUS_ASSETS = [clusterings, candidate_pairs, verified_pairs, duplicate_groups, filter_classifiers, filtered_dataset,
-                 regurgitation_audit]
-ALL_ASSETS = [*PER_SHARD_ASSETS, *CORPUS_ASSETS]
+# one partition per label set (a Dagster job holds assets of one partitioning, so they have their own job)
+LABEL_SET_ASSETS = [filter_classifiers]
+CORPUS_ASSETS = [clusterings, candidate_pairs, verified_pairs, duplicate_groups, filtered_dataset, regurgitation_audit]
+ALL_ASSETS = [*PER_SHARD_ASSETS, *LABEL_SET_ASSETS, *CORPUS_ASSETS]
 ALL_CHECKS = [
     image_index_ids_unique,
     embeddings_unit_norm_one_model,
@@ -104,7 +111,9 @@ def catalog_assets(settings: Settings, git_source: tuple[str, str] | None = None
 
     def describe(spec: AssetSpec) -> AssetSpec:
         tags = {k: v for k, v in spec.tags.items() if not k.startswith("dagster/kind/")}
-        tags.update(stage=spec.group_name or "default", scale="per-shard" if spec.partitions_def else "corpus")
+        scale = {"shards": "per-shard", "label_sets": "per-label-set"}.get(
+            getattr(spec.partitions_def, "name", None) or "", "corpus")
+        tags.update(stage=spec.group_name or "default", scale=scale)
         return spec.replace_attributes(
             owners=OWNERS, tags=tags, kinds=kinds.get(spec.key.to_user_string(), set(spec.kinds))
         )
@@ -125,6 +134,13 @@ corpus_job = define_asset_job(
     "corpus_job",
     selection=AssetSelection.assets(*CORPUS_ASSETS),
     description="Cluster, find pairs, group, filter, reweight and audit over every shard.",
+)
+
+classifier_job = define_asset_job(
+    "classifier_job",
+    selection=AssetSelection.assets(*LABEL_SET_ASSETS),
+    partitions_def=label_sets_partitions,
+    description="Train one label set's filter classifier, score every image, queue the next images to label.",
 )
 
 
@@ -162,8 +178,8 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
     return Definitions(
         assets=catalog_assets(settings),
         asset_checks=ALL_CHECKS,
-        jobs=[shard_job, corpus_job, discover_shards_job, shard_job_celery, corpus_job_celery],
-        sensors=[shard_sensor],
+        jobs=[shard_job, corpus_job, classifier_job, discover_shards_job, shard_job_celery, corpus_job_celery],
+        sensors=[shard_sensor, label_sensor],
         schedules=[
             discovery_schedule(settings.discovery_cron),
             ScheduleDefinition(

@@ -293,37 +293,71 @@ def write_labels(wh: Warehouse, df: pl.DataFrame) -> int:
     return df.height
 
 
-def read_labels(wh: Warehouse) -> pl.DataFrame:
-    """Every label with whether its image has a vector (only those can train a classifier)."""
+def read_labels(wh: Warehouse, label_set: str | None = None) -> pl.DataFrame:
+    """Every label (of one label set when given), ordered by set and image."""
     if not wh.table_exists(LABELS):
         return pl.DataFrame(schema=LABELS_SCHEMA)
-    return wh.query(f"SELECT * FROM {LABELS} ORDER BY label_set, image_id")
+    if label_set is None:
+        return wh.query(f"SELECT * FROM {LABELS} ORDER BY label_set, image_id")
+    return wh.query(f"SELECT * FROM {LABELS} WHERE label_set = $s ORDER BY image_id", {"s": label_set})
 
 
-def replace_classifier_scores(wh: Warehouse, label_sets: Sequence[str], files: Sequence[Path],
-                              queue: pl.DataFrame) -> dict[str, int]:
-    """classifier_scores := the Parquet parts (image_id, label_set, score, remove) of `label_sets`
-    (other sets are dropped: a set without labels has no classifier); label_queue := `queue`.
-    Returns images removed per set."""
+def label_set_names(wh: Warehouse) -> list[str]:
+    """The label sets that have labels, sorted."""
+    if not wh.table_exists(LABELS):
+        return []
+    return [str(r) for r in wh.query(f"SELECT DISTINCT label_set FROM {LABELS} ORDER BY 1")["label_set"].to_list()]
+
+
+def label_set_versions(wh: Warehouse) -> list[tuple[str, int, str]]:
+    """(label set, labels, latest labelled_at) per set: what the label sensor compares between ticks."""
+    if not wh.table_exists(LABELS):
+        return []
+    rows = wh.query(f"SELECT label_set, count(*) AS n, CAST(max(labelled_at) AS VARCHAR) AS last FROM {LABELS} "
+                    "GROUP BY 1 ORDER BY 1")
+    return [(str(a), int(b), str(c)) for a, b, c in rows.iter_rows()]
+
+
+CLASSIFIER_SCORES_SCHEMA: dict[str, pl.DataType] = {
+    "image_id": pl.String, "label_set": pl.String, "score": pl.Float64, "probability": pl.Float64,
+    "remove": pl.Boolean,
+}
+LABEL_QUEUE_SCHEMA: dict[str, pl.DataType] = {
+    "label_set": pl.String, "rank": pl.Int32, "image_id": pl.String, "score": pl.Float64,
+}
+
+
+def replace_classifier_scores(wh: Warehouse, label_set: str, files: Sequence[Path], queue: pl.DataFrame) -> int:
+    """One label set's rows of classifier_scores := the Parquet parts (CLASSIFIER_SCORES_SCHEMA) and
+    its rows of label_queue := `queue`, in one transaction (no parts: the set has no classifier and
+    removes nothing). A human label overrides the classifier's decision. Returns images removed."""
+    cols = ", ".join(CLASSIFIER_SCORES_SCHEMA)
     with wh.connect() as con:
-        with transaction(con):
-            con.execute(f"CREATE OR REPLACE TABLE {CLASSIFIER_SCORES} (image_id VARCHAR, label_set VARCHAR, "
-                        "score DOUBLE, remove BOOLEAN)")
-            if files:
-                lit = "[" + ", ".join(_sql_str(Path(f).resolve()) for f in files) + "]"
-                con.execute(f"INSERT INTO {CLASSIFIER_SCORES} SELECT image_id, label_set, score, remove "
-                            f"FROM read_parquet({lit})")
-            if table_exists(con, LABELS):  # a human label overrides the classifier's decision
-                con.execute(f"UPDATE {CLASSIFIER_SCORES} c SET remove = l.label FROM {LABELS} l "
-                            "WHERE l.image_id = c.image_id AND l.label_set = c.label_set")
-            con.register("__queue", queue)
-            try:
-                con.execute(f"CREATE OR REPLACE TABLE {LABEL_QUEUE} AS SELECT * FROM __queue")
-            finally:
-                con.unregister("__queue")
-        rows = con.execute(f"SELECT label_set, count(*) FILTER (WHERE remove) FROM {CLASSIFIER_SCORES} "
-                           "GROUP BY 1").fetchall()
-    return {str(k): int(v) for k, v in rows}
+        con.execute(f"CREATE TABLE IF NOT EXISTS {CLASSIFIER_SCORES} (image_id VARCHAR, label_set VARCHAR, "
+                    "score DOUBLE, probability DOUBLE, remove BOOLEAN)")
+        if "probability" not in table_columns(con, CLASSIFIER_SCORES):  # written before calibration
+            con.execute(f"ALTER TABLE {CLASSIFIER_SCORES} ADD COLUMN probability DOUBLE")
+        con.execute(f"CREATE TABLE IF NOT EXISTS {LABEL_QUEUE} (label_set VARCHAR, rank INTEGER, image_id VARCHAR, "
+                    "score DOUBLE)")
+        queue = queue.select(list(LABEL_QUEUE_SCHEMA)).cast(LABEL_QUEUE_SCHEMA)
+        con.register("__queue", queue)
+        try:
+            with transaction(con):
+                con.execute(f"DELETE FROM {CLASSIFIER_SCORES} WHERE label_set = ?", [label_set])
+                if files:
+                    lit = "[" + ", ".join(_sql_str(Path(f).resolve()) for f in files) + "]"
+                    con.execute(f"INSERT INTO {CLASSIFIER_SCORES} ({cols}) SELECT {cols} FROM read_parquet({lit})")
+                if table_exists(con, LABELS):
+                    con.execute(f"UPDATE {CLASSIFIER_SCORES} c SET remove = l.label FROM {LABELS} l "
+                                "WHERE l.image_id = c.image_id AND l.label_set = c.label_set AND c.label_set = ?",
+                                [label_set])
+                con.execute(f"DELETE FROM {LABEL_QUEUE} WHERE label_set = ?", [label_set])
+                con.execute(f"INSERT INTO {LABEL_QUEUE} SELECT * FROM __queue")
+        finally:
+            con.unregister("__queue")
+        (removed,) = con.execute(f"SELECT count(*) FROM {CLASSIFIER_SCORES} WHERE remove AND label_set = ?",
+                                 [label_set]).fetchone()
+    return int(removed)
 
 
 def write_embeddings(
@@ -1351,7 +1385,9 @@ _PAIR_DOCS = {
 COLUMN_DOCS: dict[str, dict[str, str]] = {
     "classifier_scores": {
         "image_id": "image_index.image_id", "label_set": "labels.label_set (one classifier per set)",
-        "score": "logistic-regression decision value on the embedding", "remove": "score ≥ the set's threshold",
+        "score": "logistic-regression decision value on the embedding",
+        "probability": "calibrated P(positive) among images like the labelled ones (Platt scaling, out-of-fold)",
+        "remove": "score ≥ the set's threshold, or the image's own label",
     },
     IMAGE_INDEX: {
         "image_id": "<shard>/<key>, unique", "shard": "partition key", "key": "file stem (escaped)",
@@ -1444,6 +1480,5 @@ _SCHEMAS: dict[str, Callable[[], dict]] = {
     DUPLICATE_GROUPS: _groups_schema,
     FILTERED_DATASET: lambda: KEPT_SCHEMA,
     "regurgitation_audit": _audit_schema,
-    CLASSIFIER_SCORES: lambda: {"image_id": pl.String, "label_set": pl.String, "score": pl.Float64,
-                                "remove": pl.Boolean},
+    CLASSIFIER_SCORES: lambda: CLASSIFIER_SCORES_SCHEMA,
 }

@@ -52,6 +52,28 @@ def test_run_end_to_end_through_the_console_script(small_dataset: SmallDataset, 
     written = (home / "dedup_assets.env").read_text()
     assert f"DEDUP_ASSETS_GENERATED={small_dataset.generated.resolve()}" in written and "DEDUP_ASSETS_MIN_SIDE=64" in written
 
+    # labels of a label set, then a second run: unchanged shards are skipped, the set's classifier is
+    # trained in its own partition (classifier_job) before the corpus job uses it
+    with duckdb.connect(str(wh), read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT image_id FROM filtered_dataset ORDER BY image_id").fetchall()]
+    label = subprocess.run(_cli() + ["label", "--set", "clutter", "--positive", *ids[:6], "--negative", *ids[-6:],
+                                     "--warehouse", str(wh), "--dagster-home", str(home)],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert label.returncode == 0 and "partition 'clutter' of label_sets added" in label.stdout, label.stdout + label.stderr
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "label set clutter: classifier ok" in out, out
+    assert out.count("unchanged since its last successful run, skipped") == 2
+    with duckdb.connect(str(wh), read_only=True) as con:
+        scored, removed = con.execute("SELECT count(*), count(*) FILTER (WHERE remove) FROM classifier_scores "
+                                      "WHERE label_set = 'clutter'").fetchone()
+        by_reason = con.execute("SELECT count(*) FROM removed_images WHERE reason = 'filter:classifier:clutter'").fetchone()[0]
+    assert scored > len(ids) and removed >= 6 and by_reason >= 1
+    with DagsterInstance.from_config(str(home)) as inst:
+        jobs = [r.dagster_run for r in inst.get_run_records()]
+        assert [(r.job_name, r.tags.get("dagster/partition")) for r in jobs if r.job_name == "classifier_job"] == \
+            [("classifier_job", "clutter")]
+
 
 def test_run_fails_clearly_on_a_missing_source(tmp_path: Path) -> None:
     proc = subprocess.run(

@@ -41,7 +41,8 @@ def test_definitions_load_with_every_asset_check_sensor_and_schedule(tmp_path: P
     assert keys == EXPECTED_ASSETS
     checks = {k.name for k in repo.asset_graph.asset_check_keys}
     assert {"candidate_pairs_recall", "filtered_dataset_accounting", "no_regurgitation"} <= checks
-    assert {s.name for s in repo.sensor_defs} == {"shard_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {"shard_sensor", "label_sensor"}
+    assert repo.get_job("classifier_job").partitions_def.name == "label_sets"  # one partition per label set
     assert {s.name for s in repo.schedule_defs} == {"discovery_schedule", "corpus_schedule"}
     defs_by_key = {k.to_user_string(): repo.assets_defs_by_key[k] for k in repo.assets_defs_by_key}
     assert defs_by_key["embeddings"].op.pool == "gpu" and defs_by_key["clusterings"].op.pool == "gpu"
@@ -81,7 +82,8 @@ def test_catalog_has_owners_tags_real_kinds_and_code_references(tmp_path: Path) 
     for key, spec in offline.items():
         assert spec.owners == OWNERS, key
         assert spec.tags["stage"] == spec.group_name, key
-        assert spec.tags["scale"] == ("per-shard" if key in ("image_index", "prefilter", "embeddings") else "corpus")
+        assert spec.tags["scale"] == ("per-shard" if key in ("image_index", "prefilter", "embeddings") else
+                                      "per-label-set" if key == "filter_classifiers" else "corpus")
         (ref,) = spec.metadata["dagster/code_references"].code_references
         lines = Path(ref.file_path).read_text().splitlines()
         assert f"def {key}(" in "\n".join(lines[ref.line_number - 1: ref.line_number + 15]), (key, ref)

@@ -4,12 +4,22 @@
 import time
 
 import polars as pl
-from dagster import AssetExecutionContext, ConfigurableResource, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    ConfigurableResource,
+    MaterializeResult,
+    MetadataValue,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    asset,
+    sensor,
+)
 from PIL import Image
 from pydantic import Field
 
 from dedup_assets.defs.metadata import counts_table, table_preview
-from dedup_assets.defs.partitions import per_shard_asset
+from dedup_assets.defs.partitions import label_sets_partitions, per_shard_asset
 from dedup_assets.defs.resources import WarehouseResource, config_from
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
@@ -123,18 +133,22 @@ class ClassifierResource(ConfigurableResource):
 @asset(
     group_name=GROUP,
     deps=["embeddings"],
+    partitions_def=label_sets_partitions,
     metadata={"dagster/column_schema": column_schema("classifier_scores")},
     kinds={"duckdb", "scikitlearn"},
     description=(
-        "One classifier per label set of table `labels` (a few positive/negative images, from `dedup-assets "
-        "label` or a labelling page): a logistic regression on the embeddings, a removal threshold at the "
-        "cross-validated recall target, every image scored (classifier_scores; filtered_dataset removes "
-        "filter:classifier:<set>), and the next images to label (label_queue, labelling_<set>.html)."
+        "One filter classifier per label set (a partition of `label_sets`; the labels of table `labels` come from "
+        "`dedup-assets label` or a labelling page): a logistic regression on the embeddings with calibrated "
+        "probabilities, a removal threshold at the cross-validated recall target, every image scored (the set's "
+        "rows of classifier_scores; filtered_dataset removes filter:classifier:<set>), and the next images to "
+        "label (label_queue, labelling_<set>.html)."
     ),
 )
 def filter_classifiers(
     context: AssetExecutionContext, classifiers: ClassifierResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
+    import shutil
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -143,72 +157,109 @@ def filter_classifiers(
     from dedup_assets.filters.classifier import MIN_LABELS, UncertaintyQueue, fit_filter_classifier
     from dedup_assets.filters.label_page import write_label_page
 
+    label_set = context.partition_key
     wh = warehouse.get()
     started = time.perf_counter()
-    labels = tables.read_labels(wh)
+    labels = tables.read_labels(wh, label_set)
     store = tables.embedding_store(wh)
-    out = warehouse.directory / "classifiers"
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.parquet"):
-        old.unlink()
-    meta: dict = {"label_sets": MetadataValue.json(sorted(set(labels["label_set"].to_list())))}
-    parts, queues, fitted = [], [], []
-    labelled_ids = set(labels["image_id"].to_list())
+    out = warehouse.directory / "classifiers" / label_set
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    want = dict(zip(labels["image_id"].to_list(), labels["label"].to_list()))
     vectors: dict[str, np.ndarray] = {}
-    if labelled_ids:
-        for _, bids, bx in store.iter_batches(batch_rows=65_536):  # every labelled image's vector, one pass
+    if want:
+        for _, bids, bx in store.iter_batches(batch_rows=65_536):  # the labelled images' vectors, one pass
             for k, i in enumerate(bids):
-                if i in labelled_ids:
+                if i in want:
                     vectors[i] = bx[k]
-    for label_set, rows in sorted(labels.group_by("label_set"), key=lambda kv: kv[0][0]):
-        label_set = str(label_set[0])
-        want = dict(zip(rows["image_id"].to_list(), rows["label"].to_list()))
-        ids = [i for i in want if i in vectors]
-        x = np.stack([vectors[i] for i in ids]) if ids else np.zeros((0, store.dim() or 0), np.float32)
-        y = np.array([want[i] for i in ids], bool)
-        if min(int(y.sum()), int((~y).sum())) < MIN_LABELS:
-            context.log.warning(f"label set {label_set!r}: {int(y.sum())} positive / {int((~y).sum())} negative labels "
-                                f"with vectors; needs {MIN_LABELS} of each — no classifier, nothing removed")
-            meta[f"{label_set}_status"] = f"needs ≥ {MIN_LABELS} labels of each kind (has {int(y.sum())}/{int((~y).sum())})"
-            continue
-        clf = fit_filter_classifier(x, y, target_recall=classifiers.target_recall)
-        queue = UncertaintyQueue(clf.threshold)
-        labelled = set(want)
-        for n, (_, bids, bx) in enumerate(store.iter_batches(batch_rows=65_536)):
-            score = clf.score(bx)
-            part = out / f"{label_set}_{n:05d}.parquet"
-            pq.write_table(pa.table({"image_id": bids, "label_set": [label_set] * len(bids), "score": score,
-                                     "remove": score >= clf.threshold}), part)
-            parts.append(part)
-            queue.add(bids, score, bx, labelled)
-        nxt = queue.next(classifiers.queue_size, classifiers.queue_diversity)
-        queues += [(label_set, r + 1, i, s) for r, (i, s) in enumerate(nxt)]
-        fitted.append((label_set, clf, nxt))
-        meta.update({
-            f"{label_set}_labels": clf.positives + clf.negatives,
-            f"{label_set}_cv_recall": round(clf.cv_recall, 4),
-            f"{label_set}_cv_precision": round(clf.cv_precision, 4),
-            f"{label_set}_threshold": round(clf.threshold, 4),
-        })
-        context.log.info(f"label set {label_set!r}: {clf.positives}+/{clf.negatives}- labels, {clf.folds}-fold CV "
-                         f"recall {clf.cv_recall:.3f} precision {clf.cv_precision:.3f} at threshold {clf.threshold:.3f}")
-    queue_df = pl.DataFrame(queues, schema={"label_set": pl.String, "rank": pl.Int32, "image_id": pl.String,
-                                            "score": pl.Float64}, orient="row")
-    removed = tables.replace_classifier_scores(wh, [f[0] for f in fitted], parts, queue_df)
-    for p in parts:
-        p.unlink()
-    for label_set, clf, nxt in fitted:
-        ids = [i for i, _ in nxt]
-        locs = wh.read_table("image_index", columns=["image_id", "location"], where="list_contains($ids, image_id)",
-                             params={"ids": ids}) if ids else pl.DataFrame({"image_id": [], "location": []})
-        page_path = write_label_page(
-            label_set, nxt, dict(zip(locs["image_id"].to_list(), locs["location"].to_list())), clf.threshold,
-            warehouse.directory / f"labelling_{label_set}.html",
-            {"positives": clf.positives, "negatives": clf.negatives, "cv_recall": clf.cv_recall,
-             "cv_precision": clf.cv_precision})
-        meta[f"{label_set}_removed"] = removed.get(label_set, 0)
-        meta[f"{label_set}_labelling_page"] = warehouse.link(page_path)
-    meta["seconds"] = round(time.perf_counter() - started, 3)
-    meta["dagster/row_count"] = int(wh.query("SELECT count(*) AS n FROM classifier_scores")["n"][0])
-    meta["images_removed"] = sum(removed.values())
-    return MaterializeResult(metadata=meta)
+    ids = [i for i in want if i in vectors]
+    x = np.stack([vectors[i] for i in ids]) if ids else np.zeros((0, store.dim() or 0), np.float32)
+    y = np.array([want[i] for i in ids], bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    no_vector = len(want) - len(ids)
+    empty_queue = pl.DataFrame(schema=tables.LABEL_QUEUE_SCHEMA)
+    if min(pos, neg) < MIN_LABELS:
+        tables.replace_classifier_scores(wh, label_set, [], empty_queue)
+        status = (f"needs ≥ {MIN_LABELS} labels of each kind with vectors (has {pos} positive, {neg} negative"
+                  + (f"; {no_vector} labelled images have no vector" if no_vector else "") + "): nothing removed")
+        context.log.warning(f"label set {label_set!r}: {status}")
+        return MaterializeResult(metadata={"status": status, "positives": pos, "negatives": neg, "images_removed": 0,
+                                           "dagster/row_count": 0})
+    clf = fit_filter_classifier(x, y, target_recall=classifiers.target_recall)
+    context.log.info(f"label set {label_set!r}: {pos}+/{neg}- labels, {clf.folds}-fold CV recall {clf.cv_recall:.3f} "
+                     f"precision {clf.cv_precision:.3f} at threshold {clf.threshold:.3f} (calibrated probability "
+                     f"{clf.threshold_probability:.3f}); out-of-fold Brier {clf.cv_brier:.3f} "
+                     f"(uncalibrated {clf.cv_brier_uncalibrated:.3f})")
+    queue = UncertaintyQueue(clf.threshold)
+    parts, scored = [], 0
+    for n, (_, bids, bx) in enumerate(store.iter_batches(batch_rows=65_536)):
+        score = clf.score(bx)
+        part = out / f"part_{n:05d}.parquet"
+        pq.write_table(pa.table({"image_id": bids, "label_set": [label_set] * len(bids), "score": score,
+                                 "probability": clf.probability(score), "remove": score >= clf.threshold}), part)
+        parts.append(part)
+        queue.add(bids, score, bx, set(want))
+        scored += len(bids)
+        if n % 16 == 15:
+            rate = scored / max(time.perf_counter() - started, 1e-9)
+            context.log.info(f"label set {label_set!r}: {scored:,} images scored ({rate:,.0f}/s)")
+    nxt = queue.next(classifiers.queue_size, classifiers.queue_diversity)
+    queue_df = pl.DataFrame([(label_set, r + 1, i, s) for r, (i, s) in enumerate(nxt)],
+                            schema=tables.LABEL_QUEUE_SCHEMA, orient="row")
+    removed = tables.replace_classifier_scores(wh, label_set, parts, queue_df)
+    shutil.rmtree(out, ignore_errors=True)
+    qids = [i for i, _ in nxt]
+    locs = wh.read_table("image_index", columns=["image_id", "location"], where="list_contains($ids, image_id)",
+                         params={"ids": qids}) if qids else pl.DataFrame({"image_id": [], "location": []})
+    page_path = write_label_page(
+        label_set, nxt, dict(zip(locs["image_id"].to_list(), locs["location"].to_list())), clf.threshold,
+        warehouse.directory / f"labelling_{label_set}.html",
+        {"positives": clf.positives, "negatives": clf.negatives, "cv_recall": clf.cv_recall,
+         "cv_precision": clf.cv_precision})
+    return MaterializeResult(metadata={
+        "status": "trained",
+        "labels": clf.positives + clf.negatives,
+        "positives": clf.positives,
+        "negatives": clf.negatives,
+        "labelled_without_vector": no_vector,
+        "cv_folds": clf.folds,
+        "cv_recall": round(clf.cv_recall, 4),
+        "cv_precision": round(clf.cv_precision, 4),
+        "threshold": round(clf.threshold, 4),
+        "threshold_probability": round(clf.threshold_probability, 4),
+        "cv_brier": round(clf.cv_brier, 4),
+        "cv_brier_uncalibrated": round(clf.cv_brier_uncalibrated, 4),
+        "cv_calibration_error": round(clf.cv_ece, 4),
+        "images_removed": removed,
+        "dagster/row_count": scored,
+        "queued_for_labelling": len(nxt),
+        "labelling_page": warehouse.link(page_path),
+        "next_to_label": table_preview(queue_df.select("rank", "image_id", "score")),
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+
+
+@sensor(
+    job_name="classifier_job",
+    minimum_interval_seconds=60,
+    description=(
+        "Retrains a label set's filter classifier when its labels change (new labels from `dedup-assets label` or "
+        "a labelling page's download): adds the set as a partition of label_sets and requests its run."
+    ),
+)
+def label_sensor(context: SensorEvaluationContext, warehouse: WarehouseResource) -> SensorResult:
+    import json
+
+    from dedup_assets import tables
+    from dedup_assets.defs.partitions import LABEL_SETS_PARTITIONS_NAME
+
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    now = {name: f"{n}|{last}" for name, n, last in tables.label_set_versions(warehouse.get())}
+    changed = [name for name, version in now.items() if seen.get(name) != version]
+    known = set(context.instance.get_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME))
+    new = [name for name in changed if name not in known]
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"labels:{name}:{now[name]}", partition_key=name) for name in changed],
+        dynamic_partitions_requests=[label_sets_partitions.build_add_request(new)] if new else [],
+        cursor=json.dumps(now, sort_keys=True),
+    )

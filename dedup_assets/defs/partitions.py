@@ -42,3 +42,19 @@ def per_shard_asset(name: str, group: str, **kwargs):  # noqa: ANN003, ANN201
         metadata={"dagster/column_schema": column_schema(name)},
         **kwargs,
     )
+
+
+# Label sets are partitions too: one per set of table `labels` (e.g. "violence"), so each filter
+# classifier is materialized, retrained and shown on its own (`dedup-assets label` and the label
+# sensor add the partition; the UI can add one by hand).
+LABEL_SETS_PARTITIONS_NAME = "label_sets"
+label_sets_partitions = DynamicPartitionsDefinition(name=LABEL_SETS_PARTITIONS_NAME)
+
+
+def register_label_sets_on(instance, names) -> list[str]:  # noqa: ANN001 - DagsterInstance, iterable of names
+    """Add the label sets that are not yet partitions of `label_sets`; returns the ones added."""
+    known = set(instance.get_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME))
+    new = [n for n in dict.fromkeys(names) if n not in known]
+    if new:
+        instance.add_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME, new)
+    return new

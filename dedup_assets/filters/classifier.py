@@ -7,6 +7,14 @@ cross-validated scores so that the held-out recall of positives reaches `target_
 0.95: biased toward removal), and the precision it costs at that threshold is reported. Every image
 is then scored; the ones at or above the threshold are removed as `filter:classifier:<set>`.
 
+Calibration: the logistic regression is fitted with balanced class weights, so its raw output is a
+ranking, not a probability. The out-of-fold scores of the cross-validation are mapped to
+probabilities by Platt scaling (a one-dimensional logistic fit, as scikit-learn's
+`CalibratedClassifierCV(method="sigmoid")` does), and the calibration is itself reported
+out-of-fold (Brier score and expected calibration error, each fold's images mapped by a fit on the
+other folds). The probability is calibrated on the *labelled* images: it is P(positive) among images
+like the labelled ones, whose class mix active learning chooses, not the share in the whole corpus.
+
 Active learning: the next images to label are the unlabelled ones whose scores lie nearest the
 threshold (uncertainty sampling), taken greedily so that no two are near-copies of each other
 (cosine < `diversity`), so each round of labels teaches the classifier where it is unsure.
@@ -33,12 +41,57 @@ class FilterClassifier:
     positives: int
     negatives: int
     folds: int
+    platt: tuple[float, float] = (1.0, 0.0)  # probability = sigmoid(a · score + b), fitted out-of-fold
+    cv_brier: float = float("nan")  # of the calibrated probabilities, out-of-fold (0 is perfect)
+    cv_brier_uncalibrated: float = float("nan")  # sigmoid of the raw score, for comparison
+    cv_ece: float = float("nan")  # expected calibration error over 5 probability bins, out-of-fold
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float64) @ self.coef + self.intercept
 
+    def probability(self, score: np.ndarray) -> np.ndarray:
+        """The calibrated probability that an image with this score is a positive (see module doc)."""
+        a, b = self.platt
+        return _sigmoid(a * np.asarray(score, np.float64) + b)
+
+    @property
+    def threshold_probability(self) -> float:
+        return float(self.probability(np.array([self.threshold]))[0])
+
 
 MIN_LABELS = 4  # per class
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
+
+
+def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) of P(y | s) = sigmoid(a·s + b), by Platt's method with his smoothed targets
+    ((N₊ + 1)/(N₊ + 2) and 1/(N₋ + 2)), which keep a perfectly separated set from infinite slopes."""
+    from scipy.optimize import minimize
+
+    s, y = np.asarray(scores, np.float64), np.asarray(y).astype(bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    t = np.where(y, (pos + 1) / (pos + 2), 1 / (neg + 2))
+
+    def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
+        z = ab[0] * s + ab[1]
+        p = _sigmoid(z)
+        nll = float(np.sum(np.logaddexp(0, z) - t * z))  # −Σ t·log p + (1 − t)·log(1 − p)
+        g = p - t
+        return nll, np.array([float(g @ s), float(g.sum())])
+
+    res = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+    return float(res.x[0]), float(res.x[1])
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 5) -> float:
+    """Σ over equal-width probability bins of (bin share) · |mean probability − share positive|."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    return float(sum(abs(p[which == b].mean() - y[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
 
 
 def fit_filter_classifier(x: np.ndarray, y: np.ndarray, target_recall: float = 0.95, c: float = 1.0,
@@ -57,9 +110,23 @@ def fit_filter_classifier(x: np.ndarray, y: np.ndarray, target_recall: float = 0
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
     folds = min(5, pos, neg)
     held_out = np.empty(len(y))
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+    fold_of = np.empty(len(y), int)
+    for f, (train, test) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)):
         clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x[train], y[train])
         held_out[test] = clf.decision_function(x[test])
+        fold_of[test] = f
+    # calibration, checked out-of-fold: each fold's probabilities come from a Platt fit on the others'
+    p_cv = np.empty(len(y))
+    for f in range(folds):
+        other = fold_of != f
+        if min(int(y[other].sum()), int((~y[other]).sum())) == 0:
+            p_cv[~other] = y[other].mean()
+            continue
+        a, b = fit_platt(held_out[other], y[other])
+        p_cv[~other] = _sigmoid(a * held_out[~other] + b)
+    brier = float(np.mean((p_cv - y) ** 2))
+    brier_raw = float(np.mean((_sigmoid(held_out) - y) ** 2))
+    ece = expected_calibration_error(p_cv, y)
     s_pos = np.sort(held_out[y])
     # the largest threshold that keeps ≥ target_recall of the held-out positives at or above it
     k = int(np.floor((1 - target_recall) * pos + 1e-9))
@@ -69,7 +136,8 @@ def fit_filter_classifier(x: np.ndarray, y: np.ndarray, target_recall: float = 0
     precision = float((flagged & y).sum() / max(int(flagged.sum()), 1))
     clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x, y)
     return FilterClassifier(clf.coef_[0].astype(np.float64), float(clf.intercept_[0]), threshold, recall, precision,
-                            pos, neg, folds)
+                            pos, neg, folds, platt=fit_platt(held_out, y), cv_brier=brier,
+                            cv_brier_uncalibrated=brier_raw, cv_ece=ece)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A static page cannot write to DuckDB, so the buttons build a labels file in the browser: "Download
 labels" saves `labels_<set>.json` ([{"image_id", "label"}]), which
 `dedup-assets label --set <set> --from labels_<set>.json` imports; the next materialization of
-`filter_classifiers` retrains on them and writes a new page (one active-learning round).
+`filter_classifiers[<set>]` retrains on them and writes a new page (one active-learning round).
 """
 
 from __future__ import annotations

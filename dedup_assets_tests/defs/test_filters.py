@@ -12,18 +12,29 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from dedup_assets.cli import main as cli
 from dedup_assets.definitions import ALL_ASSETS, ALL_CHECKS, PER_SHARD_ASSETS, build_resources
-from dedup_assets.defs.partitions import SHARDS_PARTITIONS_NAME
+from dedup_assets.defs.filters import filter_classifiers
+from dedup_assets.defs.partitions import LABEL_SETS_PARTITIONS_NAME, SHARDS_PARTITIONS_NAME
 from dedup_assets.settings import Settings
 from dedup_assets.synth.clip_layout import laion_metadata, write_clip_pair
 from dedup_assets.warehouse import Warehouse
 
-CORPUS = ("clusterings", "candidate_pairs", "verified_pairs", "duplicate_groups", "filter_classifiers",
-          "filtered_dataset")
+CORPUS = ("clusterings", "candidate_pairs", "verified_pairs", "duplicate_groups", "filtered_dataset")
 
 
-def _corpus(resources: dict, instance: DagsterInstance) -> None:
+def _corpus(resources: dict, instance: DagsterInstance, label_sets: tuple[str, ...] = ("violence",)) -> None:
+    for name in label_sets:  # one partition of label_sets per classifier
+        assert materialize(ALL_ASSETS + ALL_CHECKS, selection=[filter_classifiers], partition_key=name,
+                           resources=resources, instance=instance).success
     assert materialize(ALL_ASSETS + ALL_CHECKS, selection=[a for a in ALL_ASSETS if a.key.to_user_string() in CORPUS],
                        resources=resources, instance=instance).success
+
+
+def _meta(instance: DagsterInstance, label_set: str) -> dict:
+    from dagster import AssetRecordsFilter
+
+    (rec,) = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("filter_classifiers"), asset_partitions=[label_set]), limit=1).records
+    return {k: v.value for k, v in rec.asset_materialization.metadata.items()}
 
 
 def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
@@ -48,8 +59,9 @@ def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
 
     pos = [ids[i] for i in np.flatnonzero(is_bad)[:12]]
     neg = [ids[i] for i in np.flatnonzero(~is_bad)[:12]]
-    wh_arg = ["--warehouse", settings.warehouse]
+    wh_arg = ["--warehouse", settings.warehouse, "--dagster-home", str(tmp_path / "dagster_home")]
     assert cli(["label", "--set", "violence", "--positive", *pos, "--negative", *neg, *wh_arg]) == 0
+    assert instance.get_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME) == ["violence"]  # the set is a partition
     assert cli(["label", "--set", "violence", "--positive", "emb_0/nope", *wh_arg]) == 2  # unknown ids: nothing written
     assert cli(["label", "--set", "bad name!", "--positive", pos[0], *wh_arg]) == 2
     _corpus(resources, instance)
@@ -65,8 +77,11 @@ def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
 
     r1, p1 = scored(set(pos + neg))
     assert r1 >= 0.9 and p1 > 0.2  # 24 labels: biased toward removal (recall first), precision modest
-    m1 = instance.get_latest_materialization_event(AssetKey("filter_classifiers")).asset_materialization.metadata
-    assert m1["violence_labels"].value == 24 and m1["violence_cv_recall"].value >= 0.95
+    m1 = _meta(instance, "violence")
+    assert m1["labels"] == 24 and m1["cv_recall"] >= 0.95 and m1["images_removed"] > 0
+    assert m1["cv_brier"] < m1["cv_brier_uncalibrated"]  # the probabilities are calibrated, the raw scores are not
+    probs = wh.query("SELECT min(probability) AS lo, max(probability) AS hi, count(*) AS n FROM classifier_scores")
+    assert probs["n"][0] == n and 0 <= probs["lo"][0] < 0.5 < probs["hi"][0] <= 1
     queue = wh.read_table("label_queue")
     assert queue.height == 48 and not set(queue["image_id"].to_list()) & set(pos + neg)
     page = (tmp_path / "wh_files" / "labelling_violence.html").read_text(encoding="utf-8")
@@ -77,8 +92,8 @@ def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
     (tmp_path / "labels_violence.json").write_text(json.dumps(answers))
     assert cli(["label", "--set", "violence", "--from", str(tmp_path / "labels_violence.json"), *wh_arg]) == 0
     _corpus(resources, instance)
-    m2 = instance.get_latest_materialization_event(AssetKey("filter_classifiers")).asset_materialization.metadata
-    assert m2["violence_labels"].value == 24 + 48
+    m2 = _meta(instance, "violence")
+    assert m2["labels"] == 24 + 48
     r2, p2 = scored(set(pos + neg) | {a["image_id"] for a in answers})
     assert r2 >= 0.9 and p2 > p1 + 0.1, (r1, p1, r2, p2)  # the labels the queue asked for paid off
     labels = wh.read_table("labels")
@@ -104,3 +119,66 @@ def test_prefilter_writes_hypernymized_captions_when_asked(tmp_path: Path, insta
     assert set(hyp["caption_hypernymized"].to_list()) == {"a photo of person walking in city", "a red bicycle against a wall"}
     meta = instance.get_latest_materialization_event(AssetKey("prefilter")).asset_materialization.metadata
     assert meta["names_replaced_by_hypernyms"].value == 20
+
+
+def test_label_sets_are_partitions_that_combine_and_the_sensor_retrains_on_new_labels(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    from dagster import build_sensor_context
+
+    from dedup_assets.defs.filters import label_sensor
+
+    rng = np.random.default_rng(8)
+    d, n = 16, 600
+    kind = rng.integers(0, 3, n)  # 0: keep, 1: "violence", 2: "watermark"
+    axes = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
+    x = rng.standard_normal((n, d)) + np.where(kind[:, None] == 1, 4.0 * axes[0], 0) + np.where(kind[:, None] == 2, 4.0 * axes[1], 0)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    meta = laion_metadata(n, 0, [f"a quiet street with houses and trees, view {r}" for r in range(n)])
+    write_clip_pair(tmp_path / "emb", 0, x, meta)
+    ids = [f"emb_0/{k}" for k in meta["key"].to_list()]
+    settings = Settings(embeddings=str(tmp_path / "emb"), warehouse=str(tmp_path / "wh.duckdb"), threshold=0.999,
+                        min_side=64)
+    resources = build_resources(settings)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["emb_0"])
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_0",
+                       resources=resources, instance=instance).success
+    wh_arg = ["--warehouse", settings.warehouse, "--dagster-home", str(tmp_path / "dagster_home")]
+    for name, k in (("violence", 1), ("watermark", 2)):
+        pos = [ids[i] for i in np.flatnonzero(kind == k)[:16]]
+        neg = [ids[i] for i in np.flatnonzero(kind != k)[:16]]
+        assert cli(["label", "--set", name, "--positive", *pos, "--negative", *neg, *wh_arg]) == 0
+    assert cli(["label", "--set", "scarce", "--positive", ids[0], ids[1], "--negative", ids[2], *wh_arg]) == 0
+
+    sensor_ctx = build_sensor_context(instance=instance, resources={"warehouse": resources["warehouse"]})
+    first = label_sensor(sensor_ctx)
+    assert sorted(r.partition_key for r in first.run_requests) == ["scarce", "violence", "watermark"]
+    assert not first.dynamic_partitions_requests  # `label` registered them already
+    again = label_sensor(build_sensor_context(instance=instance, cursor=first.cursor,
+                                              resources={"warehouse": resources["warehouse"]}))
+    assert not again.run_requests  # no new labels, no retraining
+    assert cli(["label", "--set", "violence", "--negative", ids[int(np.flatnonzero(kind == 0)[20])], *wh_arg]) == 0
+    later = label_sensor(build_sensor_context(instance=instance, cursor=first.cursor,
+                                              resources={"warehouse": resources["warehouse"]}))
+    assert [r.partition_key for r in later.run_requests] == ["violence"]
+
+    _corpus(resources, instance, ("scarce", "violence", "watermark"))
+    assert _meta(instance, "scarce")["status"].startswith("needs ≥ 4 labels of each kind")
+    wh = Warehouse(settings.warehouse)
+    reasons = wh.query("SELECT reason, count(*) AS n FROM removed_images WHERE reason LIKE 'filter:classifier:%' "
+                       "GROUP BY 1")
+    removed = dict(zip(reasons["reason"].to_list(), reasons["n"].to_list()))
+    assert set(removed) == {"filter:classifier:violence", "filter:classifier:watermark"}  # both sets remove
+    gone = set(wh.query("SELECT image_id FROM removed_images WHERE reason LIKE 'filter:classifier:%'")["image_id"]
+               .to_list())
+    for k in (1, 2):
+        target = {ids[i] for i in np.flatnonzero(kind == k)}
+        assert len(gone & target) / len(target) >= 0.9
+    assert wh.query("SELECT count(*) AS n FROM classifier_scores WHERE label_set = 'scarce'")["n"][0] == 0
+    # the catalog's column schema is the table's
+    from dedup_assets.definitions import build_definitions
+    from dedup_assets.warehouse import table_columns
+
+    spec = build_definitions(settings).resolve_asset_graph().get(AssetKey("filter_classifiers"))
+    with wh.connect() as con:
+        assert [c.name for c in spec.metadata["dagster/column_schema"].columns] == table_columns(con, "classifier_scores")

@@ -56,3 +56,20 @@ def test_the_queue_prefers_borderline_images_and_skips_near_copies() -> None:
     dup = UncertaintyQueue(clf.threshold)
     dup.add(["a", "b", "c"], np.array([clf.threshold] * 3), np.stack([x[0], x[0], x[1]]), set())
     assert [i for i, _ in dup.next(3)] == ["a", "c"]  # "b" is a copy of "a"
+
+
+def test_probabilities_are_calibrated_on_held_out_images_of_the_labelled_mix() -> None:
+    from dedup_assets.filters.classifier import _sigmoid, expected_calibration_error
+
+    x, y = _category(20_000, seed=4, share=0.5)
+    idx = np.r_[np.flatnonzero(y)[:30], np.flatnonzero(~y)[:30]]
+    clf = fit_filter_classifier(x[idx], y[idx])
+    rest = np.setdiff1d(np.arange(len(y)), idx)
+    s = clf.score(x[rest])
+    p = clf.probability(s)
+    assert clf.platt[0] > 0 and np.all(np.diff(p[np.argsort(s)]) >= 0)  # a monotone map of the score
+    brier, brier_raw = float(np.mean((p - y[rest]) ** 2)), float(np.mean((_sigmoid(s) - y[rest]) ** 2))
+    ece = expected_calibration_error(p, y[rest])
+    assert brier < brier_raw and ece < 0.08, (brier, brier_raw, ece)  # the raw scores are no probabilities
+    assert 0.0 < clf.threshold_probability < 1.0
+    assert np.isfinite(clf.cv_brier) and clf.cv_brier < clf.cv_brier_uncalibrated and 0 <= clf.cv_ece < 0.3
