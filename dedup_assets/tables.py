@@ -266,6 +266,7 @@ def write_clip_scores(wh: Warehouse, shard: str, df: pl.DataFrame) -> int:
     return wh.replace_partition(CLIP_SCORES, df.select(list(CLIP_SCORES_SCHEMA)).cast(CLIP_SCORES_SCHEMA), "shard", shard)
 
 
+CAPTION_HYPERNYMS = "caption_hypernyms"
 LABELS = "labels"
 LABELS_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String, "label_set": pl.String, "label": pl.Boolean, "source": pl.String,
@@ -307,6 +308,16 @@ def label_set_names(wh: Warehouse) -> list[str]:
     if not wh.table_exists(LABELS):
         return []
     return [str(r) for r in wh.query(f"SELECT DISTINCT label_set FROM {LABELS} ORDER BY 1")["label_set"].to_list()]
+
+
+def replace_caption_hypernyms(wh: Warehouse, shard: str, df: pl.DataFrame | None) -> None:
+    """One shard's rows of caption_hypernyms := `df` (image_id, shard, caption_hypernymized,
+    replacements); None deletes them (hypernymization off), so no stale caption outlives its shard."""
+    if df is not None:
+        wh.replace_partition(CAPTION_HYPERNYMS, df, "shard", shard)
+    elif wh.table_exists(CAPTION_HYPERNYMS):
+        with wh.connect() as con:
+            con.execute(f"DELETE FROM {CAPTION_HYPERNYMS} WHERE shard = ?", [shard])
 
 
 def label_set_versions(wh: Warehouse) -> list[tuple[str, int, str]]:
@@ -1099,7 +1110,7 @@ REMOVED_IMAGES = "removed_images"
 
 KEPT_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String, "shard": pl.String, "key": pl.String, "location": pl.String, "caption": pl.String,
-    "width": pl.Int32, "height": pl.Int32, "weight": pl.Float64,
+    "width": pl.Int32, "height": pl.Int32, "weight": pl.Float64, "caption_hypernymized": pl.String,
 }
 REMOVED_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String, "shard": pl.String, "reason": pl.String, "detail": pl.String,
@@ -1160,10 +1171,14 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
         no_emb = "e.image_id IS NULL"
     if min_clip_score is not None:  # an embedded image without a score (no caption, or embedded before scoring) goes too
         clip = f"(NOT {no_emb} AND (cs.clip_score IS NULL OR cs.clip_score < {float(min_clip_score)!r}))"
+    hyp = "CAST(NULL AS VARCHAR)"
+    if table_exists(con, CAPTION_HYPERNYMS):  # prefilter with `hypernymize` on
+        joins.append(f"LEFT JOIN {CAPTION_HYPERNYMS} hy ON hy.image_id = i.image_id")
+        hyp = "hy.caption_hypernymized"
     not_ok = "(i.status IS NULL OR i.status <> 'ok')"
     return (
         "SELECT i.image_id, i.shard, i.key, i.location, i.caption, CAST(i.width AS INTEGER) AS width, "
-        "CAST(i.height AS INTEGER) AS height, "
+        f"CAST(i.height AS INTEGER) AS height, {hyp} AS caption_hypernymized, "
         f"CASE WHEN {not_ok} THEN 'decode:' || coalesce(i.status, 'unknown') "
         f"WHEN {failed} THEN 'filter:' || coalesce({first}, 'unknown') "
         f"WHEN {clip} THEN 'filter:clip_score' "
@@ -1271,7 +1286,8 @@ def build_filtered_dataset(
             with transaction(con):
                 con.execute(
                     f"CREATE OR REPLACE TABLE {FILTERED_DATASET} AS SELECT s.image_id, s.shard, s.key, s.location, "
-                    "s.caption, s.width, s.height, CAST(coalesce(w.weight, 1.0) AS DOUBLE) AS weight "
+                    "s.caption, s.width, s.height, CAST(coalesce(w.weight, 1.0) AS DOUBLE) AS weight, "
+                    "s.caption_hypernymized "
                     f"FROM f_sel s {cl_join} WHERE s.reason IS NULL ORDER BY s.image_id"
                 )
                 con.execute(
@@ -1429,6 +1445,7 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "image_id": "kept image", "shard": "partition key", "key": "file stem", "location": "where to read it",
         "caption": "cleaned caption", "width": "px", "height": "px",
         "weight": "loss weight restoring the pre-filter cluster distribution (mean 1)",
+        "caption_hypernymized": "caption with proper names replaced by hypernyms (prefilters.hypernymize; else null)",
     },
     "regurgitation_audit": {
         "generated": "generated image (path under the generated folder) or vector key", "prompt": "its prompt sidecar",

@@ -25,7 +25,7 @@ from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
 from dedup_assets.ingest.decode import decode_rgb
 from dedup_assets.ingest.shards import read_location
-from dedup_assets.tables import column_schema, read_image_index
+from dedup_assets.tables import column_schema, read_image_index, replace_caption_hypernyms
 
 GROUP = "filters"
 
@@ -92,8 +92,10 @@ def prefilter(
             from dedup_assets.filters.hypernym import hypernymize_frame
 
             hyp = hypernymize_frame(part)
-            wh.replace_partition("caption_hypernyms", hyp, "shard", shard)
+            replace_caption_hypernyms(wh, shard, hyp)
             replaced += int(hyp["replacements"].sum())
+        else:  # turned off: no stale hypernyms of this shard's old captions
+            replace_caption_hypernyms(wh, shard, None)
         frames.append(part)
     df = pl.concat(frames) if frames else pl.DataFrame()
     seconds = time.perf_counter() - started

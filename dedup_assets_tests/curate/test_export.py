@@ -47,7 +47,7 @@ def _index(root: Path) -> pl.DataFrame:
     shards, rejected = discover_shards(root)
     assert all(r.code == "hidden" and r.path.name.startswith(".dedup-assets-export") for r in rejected)
     rows = [
-        (f"{s.name}/{r.key}", s.name, r.key, r.location, r.caption, 32, 24, 1.0)
+        (f"{s.name}/{r.key}", s.name, r.key, r.location, r.caption, 32, 24, 1.0, None)
         for s in shards
         for r in iter_shard(s)
     ]

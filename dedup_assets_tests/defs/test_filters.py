@@ -119,6 +119,15 @@ def test_prefilter_writes_hypernymized_captions_when_asked(tmp_path: Path, insta
     assert set(hyp["caption_hypernymized"].to_list()) == {"a photo of person walking in city", "a red bicycle against a wall"}
     meta = instance.get_latest_materialization_event(AssetKey("prefilter")).asset_materialization.metadata
     assert meta["names_replaced_by_hypernyms"].value == 20
+    # the kept set carries them next to the caption; turned off, they are gone at the next pre-filter
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=[a for a in ALL_ASSETS if a.key.to_user_string() in CORPUS],
+                       resources=resources, instance=instance).success
+    kept = Warehouse(settings.warehouse).query("SELECT caption_hypernymized FROM filtered_dataset")
+    assert kept.height >= 2 and set(kept["caption_hypernymized"].to_list()) == set(hyp["caption_hypernymized"].to_list())
+    resources["prefilters"] = PrefilterResource(min_side=64)
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_0",
+                       resources=resources, instance=instance).success
+    assert Warehouse(settings.warehouse).query("SELECT count(*) AS n FROM caption_hypernyms")["n"][0] == 0
 
 
 def test_label_sets_are_partitions_that_combine_and_the_sensor_retrains_on_new_labels(
