@@ -37,6 +37,20 @@ def _meta(instance: DagsterInstance, label_set: str) -> dict:
     return {k: v.value for k, v in rec.asset_materialization.metadata.items()}
 
 
+def _embedded(tmp_path: Path, instance: DagsterInstance, x: np.ndarray, caption: str,
+              threshold: float = 0.999) -> tuple[list[str], Settings, dict]:
+    """Vectors `x` as one external partition, through the per-shard assets: (image ids, settings, resources)."""
+    meta = laion_metadata(len(x), 0, [f"{caption} {r}" for r in range(len(x))])
+    write_clip_pair(tmp_path / "emb", 0, x, meta)
+    settings = Settings(embeddings=str(tmp_path / "emb"), warehouse=str(tmp_path / "wh.duckdb"), threshold=threshold,
+                        min_side=64)
+    resources = build_resources(settings)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["emb_0"])
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_0",
+                       resources=resources, instance=instance).success
+    return [f"emb_0/{k}" for k in meta["key"].to_list()], settings, resources
+
+
 def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:
@@ -47,15 +61,7 @@ def test_a_classifier_from_a_few_labels_removes_its_category_and_asks_for_more(
     is_bad = rng.random(n) < 0.2  # the category to remove ("violence")
     x = rng.standard_normal((n, d)) + np.where(is_bad[:, None], 3.0 * direction, 0.0)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    meta = laion_metadata(n, 0, [f"a calm scene with a table and a chair number {r}" for r in range(n)])
-    write_clip_pair(tmp_path / "emb", 0, x, meta)
-    ids = [f"emb_0/{k}" for k in meta["key"].to_list()]
-    settings = Settings(embeddings=str(tmp_path / "emb"), warehouse=str(tmp_path / "wh.duckdb"), threshold=0.999,
-                        min_side=64)
-    resources = build_resources(settings)
-    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["emb_0"])
-    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_0",
-                       resources=resources, instance=instance).success
+    ids, settings, resources = _embedded(tmp_path, instance, x, "a calm scene with a table and a chair number")
 
     pos = [ids[i] for i in np.flatnonzero(is_bad)[:12]]
     neg = [ids[i] for i in np.flatnonzero(~is_bad)[:12]]
@@ -143,15 +149,7 @@ def test_label_sets_are_partitions_that_combine_and_the_sensor_retrains_on_new_l
     axes = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
     x = rng.standard_normal((n, d)) + np.where(kind[:, None] == 1, 4.0 * axes[0], 0) + np.where(kind[:, None] == 2, 4.0 * axes[1], 0)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    meta = laion_metadata(n, 0, [f"a quiet street with houses and trees, view {r}" for r in range(n)])
-    write_clip_pair(tmp_path / "emb", 0, x, meta)
-    ids = [f"emb_0/{k}" for k in meta["key"].to_list()]
-    settings = Settings(embeddings=str(tmp_path / "emb"), warehouse=str(tmp_path / "wh.duckdb"), threshold=0.999,
-                        min_side=64)
-    resources = build_resources(settings)
-    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["emb_0"])
-    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_0",
-                       resources=resources, instance=instance).success
+    ids, settings, resources = _embedded(tmp_path, instance, x, "a quiet street with houses and trees, view")
     wh_arg = ["--warehouse", settings.warehouse, "--dagster-home", str(tmp_path / "dagster_home")]
     for name, k in (("violence", 1), ("watermark", 2)):
         pos = [ids[i] for i in np.flatnonzero(kind == k)[:16]]
