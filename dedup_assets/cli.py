@@ -420,7 +420,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     """Add labels of one label set to the warehouse (table `labels`) for the filter classifiers."""
-    import re
     from datetime import datetime, timezone
 
     import polars as pl
@@ -429,8 +428,12 @@ def cmd_label(args: argparse.Namespace) -> int:
     from dedup_assets.filters.label_page import read_labels_file
     from dedup_assets.warehouse import Warehouse
 
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.label_set):
-        _print(f"error: --set {args.label_set!r}: use letters, digits, '_' or '-' (it names files and reasons)")
+    from dedup_assets.defs.partitions import check_label_set_name
+
+    try:
+        check_label_set_name(args.label_set)
+    except ValueError as e:
+        _print(f"error: --set: {e}")
         return 2
     rows = [(i, True) for i in args.positive] + [(i, False) for i in args.negative]
     if args.from_file:
@@ -459,7 +462,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     from dedup_assets.instance import open_instance
 
     home = _dagster_home(args.dagster_home, Path(args.warehouse).resolve())
-    added = register_label_sets_on(open_instance(home), [args.label_set])
+    instance = open_instance(home)
+    try:
+        added = register_label_sets_on(instance, [args.label_set])
+    finally:
+        instance.dispose()
     _print(f"label set {args.label_set}: {n} labels written; {int(labels['label'].sum())} positive, "
            f"{int((~labels['label']).sum())} negative in all"
            + (f"; partition {args.label_set!r} of label_sets added in {home}" if added else "")

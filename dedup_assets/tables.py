@@ -320,6 +320,21 @@ def replace_caption_hypernyms(wh: Warehouse, shard: str, df: pl.DataFrame | None
             con.execute(f"DELETE FROM {CAPTION_HYPERNYMS} WHERE shard = ?", [shard])
 
 
+def unscored_by_label_set(wh: Warehouse) -> dict[str, int]:
+    """Per label set with labels and scores: embedded images its classifier has not scored (vectors
+    that arrived after the set's last materialization); sets with none are left out."""
+    with wh.connect() as con:
+        if not (table_exists(con, CLASSIFIER_SCORES) and table_exists(con, LABELS) and table_exists(con, EMBEDDINGS)):
+            return {}
+        rows = con.execute(
+            f"WITH sets AS (SELECT DISTINCT label_set FROM {CLASSIFIER_SCORES} "
+            f"WHERE label_set IN (SELECT label_set FROM {LABELS})) "
+            f"SELECT s.label_set, count(*) FROM sets s CROSS JOIN (SELECT DISTINCT image_id FROM {EMBEDDINGS}) e "
+            f"ANTI JOIN {CLASSIFIER_SCORES} c ON c.label_set = s.label_set AND c.image_id = e.image_id "
+            "GROUP BY 1 ORDER BY 1").fetchall()
+    return {str(k): int(v) for k, v in rows if v}
+
+
 def label_set_versions(wh: Warehouse) -> list[tuple[str, int, str]]:
     """(label set, labels, latest labelled_at) per set: what the label sensor compares between ticks."""
     if not wh.table_exists(LABELS):
@@ -347,7 +362,8 @@ def replace_classifier_scores(wh: Warehouse, label_set: str, files: Sequence[Pat
         con.execute(f"CREATE TABLE IF NOT EXISTS {CLASSIFIER_SCORES} (image_id VARCHAR, label_set VARCHAR, "
                     "score DOUBLE, probability DOUBLE, remove BOOLEAN)")
         if "probability" not in table_columns(con, CLASSIFIER_SCORES):  # written before calibration
-            con.execute(f"ALTER TABLE {CLASSIFIER_SCORES} ADD COLUMN probability DOUBLE")
+            con.execute(f"CREATE OR REPLACE TABLE {CLASSIFIER_SCORES} AS SELECT image_id, label_set, score, "
+                        f"CAST(NULL AS DOUBLE) AS probability, remove FROM {CLASSIFIER_SCORES}")
         con.execute(f"CREATE TABLE IF NOT EXISTS {LABEL_QUEUE} (label_set VARCHAR, rank INTEGER, image_id VARCHAR, "
                     "score DOUBLE)")
         queue = queue.select(list(LABEL_QUEUE_SCHEMA)).cast(LABEL_QUEUE_SCHEMA)
@@ -363,7 +379,8 @@ def replace_classifier_scores(wh: Warehouse, label_set: str, files: Sequence[Pat
                                 "WHERE l.image_id = c.image_id AND l.label_set = c.label_set AND c.label_set = ?",
                                 [label_set])
                 con.execute(f"DELETE FROM {LABEL_QUEUE} WHERE label_set = ?", [label_set])
-                con.execute(f"INSERT INTO {LABEL_QUEUE} SELECT * FROM __queue")
+                qcols = ", ".join(LABEL_QUEUE_SCHEMA)
+                con.execute(f"INSERT INTO {LABEL_QUEUE} ({qcols}) SELECT {qcols} FROM __queue")
         finally:
             con.unregister("__queue")
         (removed,) = con.execute(f"SELECT count(*) FROM {CLASSIFIER_SCORES} WHERE remove AND label_set = ?",
@@ -1155,9 +1172,11 @@ def _selection_sql(con, embedded: bool, min_clip_score: float | None = None) -> 
         keeper, sim = "k.keeper", "k.sim"
     clip = "false"
     classified = "NULL"
-    if table_exists(con, CLASSIFIER_SCORES):
+    if table_exists(con, CLASSIFIER_SCORES) and table_exists(con, LABELS):
+        # only sets that still have labels: the scores of a set whose labels are gone remove nothing
         joins.append(f"LEFT JOIN (SELECT image_id, min(label_set) AS label_set FROM {CLASSIFIER_SCORES} WHERE remove "
-                     "GROUP BY 1) cl ON cl.image_id = i.image_id")
+                     f"AND label_set IN (SELECT DISTINCT label_set FROM {LABELS}) GROUP BY 1) cl "
+                     "ON cl.image_id = i.image_id")
         classified = "cl.label_set"
     if min_clip_score is not None:
         if not table_exists(con, CLIP_SCORES):

@@ -177,3 +177,29 @@ def test_candidate_pairs_merge_in_passes_equals_one_union(tmp_path: Path) -> Non
         assert got.keys() == want.keys()
         assert all(abs(got[k][0] - want[k][0]) < 1e-6 and got[k][1] == want[k][1] for k in want)
     assert merge_candidate_pairs(Warehouse(tmp_path / "empty.duckdb"), []) == 0
+
+
+def test_classifier_tables_of_the_previous_version_are_migrated_keeping_other_sets(tmp_path: Path) -> None:
+    from dedup_assets.tables import CLASSIFIER_SCORES_SCHEMA, LABEL_QUEUE_SCHEMA, replace_classifier_scores
+    from dedup_assets.warehouse import table_columns
+
+    wh = Warehouse(tmp_path / "w.duckdb")
+    with wh.connect() as con:  # as the version before calibration wrote them (one table for all sets)
+        con.execute("CREATE TABLE classifier_scores AS SELECT * FROM (VALUES ('s/1', 'old', 2.0, true), "
+                    "('s/2', 'old', -1.0, false)) t(image_id, label_set, score, remove)")
+        con.execute("CREATE TABLE label_queue AS SELECT * FROM (VALUES ('old', 1, 's/3', 0.1)) "
+                    "t(label_set, rank, image_id, score)")
+    part = tmp_path / "part.parquet"
+    pl.DataFrame({"image_id": ["s/1", "s/2"], "label_set": ["new"] * 2, "score": [0.5, -0.5],
+                  "probability": [0.6, 0.4], "remove": [True, False]}).write_parquet(part)
+    queue = pl.DataFrame({"label_set": ["new"], "rank": [1], "image_id": ["s/4"], "score": [0.01]})
+    assert replace_classifier_scores(wh, "new", [part], queue) == 1
+    with wh.connect() as con:
+        assert table_columns(con, "classifier_scores") == list(CLASSIFIER_SCORES_SCHEMA)  # catalog order
+        assert table_columns(con, "label_queue") == list(LABEL_QUEUE_SCHEMA)
+    scores = wh.query("SELECT * FROM classifier_scores ORDER BY label_set, image_id")
+    assert scores.rows() == [("s/1", "new", 0.5, 0.6, True), ("s/2", "new", -0.5, 0.4, False),
+                             ("s/1", "old", 2.0, None, True), ("s/2", "old", -1.0, None, False)]
+    assert wh.query("SELECT label_set, image_id FROM label_queue ORDER BY 1").rows() == [("new", "s/4"), ("old", "s/3")]
+    assert replace_classifier_scores(wh, "new", [], queue.clear()) == 0  # too few labels now: the set's rows go
+    assert wh.query("SELECT DISTINCT label_set FROM classifier_scores").rows() == [("old",)]

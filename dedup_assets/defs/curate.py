@@ -100,6 +100,12 @@ def filtered_dataset(
             "removed_preview": table_preview(built["removed_preview"]),
         }
     )
+    unscored = tables.unscored_by_label_set(wh)
+    if unscored:  # vectors newer than a set's last scoring: those images pass its filter unseen
+        context.log.warning(
+            "embedded images without a score of their label set's classifier (kept unless another rule removes "
+            f"them; materialize filter_classifiers[<set>], or turn label_sensor on): {unscored}")
+    meta["classifier_unscored_images"] = MetadataValue.json(unscored)
     meta.update(classifier_meta)  # the classifier's weights replace the cluster weights' figures
     if report.get("plot_png") and not classifier_meta:
         meta["largest_shifts"] = warehouse.plot(report["plot_png"], "largest cluster shifts", "filtered_dataset_shifts")

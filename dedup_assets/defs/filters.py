@@ -5,6 +5,8 @@ import time
 
 import polars as pl
 from dagster import (
+    AllPartitionMapping,
+    AssetDep,
     AssetExecutionContext,
     ConfigurableResource,
     MaterializeResult,
@@ -19,7 +21,7 @@ from PIL import Image
 from pydantic import Field
 
 from dedup_assets.defs.metadata import counts_table, table_preview
-from dedup_assets.defs.partitions import label_sets_partitions, per_shard_asset
+from dedup_assets.defs.partitions import check_label_set_name, label_sets_partitions, per_shard_asset
 from dedup_assets.defs.resources import WarehouseResource, config_from
 from dedup_assets.filters.config import PrefilterConfig, check_dependencies
 from dedup_assets.filters.run import has_image_data, run_prefilter, summarize_prefilter
@@ -134,7 +136,7 @@ class ClassifierResource(ConfigurableResource):
 
 @asset(
     group_name=GROUP,
-    deps=["embeddings"],
+    deps=[AssetDep("embeddings", partition_mapping=AllPartitionMapping())],  # every shard's vectors
     partitions_def=label_sets_partitions,
     metadata={"dagster/column_schema": column_schema("classifier_scores")},
     kinds={"duckdb", "scikitlearn"},
@@ -159,7 +161,7 @@ def filter_classifiers(
     from dedup_assets.filters.classifier import MIN_LABELS, UncertaintyQueue, fit_filter_classifier
     from dedup_assets.filters.label_page import write_label_page
 
-    label_set = context.partition_key
+    label_set = check_label_set_name(context.partition_key)
     wh = warehouse.get()
     started = time.perf_counter()
     labels = tables.read_labels(wh, label_set)
@@ -246,17 +248,29 @@ def filter_classifiers(
     minimum_interval_seconds=60,
     description=(
         "Retrains a label set's filter classifier when its labels change (new labels from `dedup-assets label` or "
-        "a labelling page's download): adds the set as a partition of label_sets and requests its run."
+        "a labelling page's download) or new embeddings arrive (new shards must be scored too): adds the set as a "
+        "partition of label_sets and requests its run."
     ),
 )
 def label_sensor(context: SensorEvaluationContext, warehouse: WarehouseResource) -> SensorResult:
     import json
 
+    from dagster import AssetKey
+
     from dedup_assets import tables
     from dedup_assets.defs.partitions import LABEL_SETS_PARTITIONS_NAME
 
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    now = {name: f"{n}|{last}" for name, n, last in tables.label_set_versions(warehouse.get())}
+    latest = context.instance.fetch_materializations(AssetKey("embeddings"), limit=1).records
+    vectors = str(latest[0].storage_id) if latest else "-"  # changes whenever any shard is (re-)embedded
+    now, bad = {}, []
+    for name, n, last in tables.label_set_versions(warehouse.get()):
+        try:
+            now[check_label_set_name(name)] = f"{n}|{last}|{vectors}"
+        except ValueError as e:  # written to `labels` by hand, not by `dedup-assets label`
+            bad.append(str(e))
+    for line in bad:
+        context.log.warning(f"skipped: {line}")
     changed = [name for name, version in now.items() if seen.get(name) != version]
     known = set(context.instance.get_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME))
     new = [name for name in changed if name not in known]

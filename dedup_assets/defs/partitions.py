@@ -51,8 +51,22 @@ LABEL_SETS_PARTITIONS_NAME = "label_sets"
 label_sets_partitions = DynamicPartitionsDefinition(name=LABEL_SETS_PARTITIONS_NAME)
 
 
+LABEL_SET_NAME = r"[A-Za-z0-9_-]{1,64}"  # a set names files (labelling_<set>.html) and reasons
+
+
+def check_label_set_name(name: str) -> str:
+    """`name` when it may name a label set, else ValueError (a partition added by hand in the UI may
+    hold '/' or '..', and the asset writes files named after it)."""
+    import re
+
+    if not re.fullmatch(LABEL_SET_NAME, name):
+        raise ValueError(f"label set {name!r}: use 1–64 letters, digits, '_' or '-' (it names files and reasons)")
+    return name
+
+
 def register_label_sets_on(instance, names) -> list[str]:  # noqa: ANN001 - DagsterInstance, iterable of names
     """Add the label sets that are not yet partitions of `label_sets`; returns the ones added."""
+    names = [check_label_set_name(n) for n in names]
     known = set(instance.get_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME))
     new = [n for n in dict.fromkeys(names) if n not in known]
     if new:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from datetime import datetime, timezone
+
 import numpy as np
 import polars as pl
+import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from dedup_assets.cli import main as cli
@@ -16,6 +19,7 @@ from dedup_assets.defs.filters import filter_classifiers
 from dedup_assets.defs.partitions import LABEL_SETS_PARTITIONS_NAME, SHARDS_PARTITIONS_NAME
 from dedup_assets.settings import Settings
 from dedup_assets.synth.clip_layout import laion_metadata, write_clip_pair
+from dedup_assets.tables import write_labels
 from dedup_assets.warehouse import Warehouse
 
 CORPUS = ("clusterings", "candidate_pairs", "verified_pairs", "duplicate_groups", "filtered_dataset")
@@ -156,22 +160,35 @@ def test_label_sets_are_partitions_that_combine_and_the_sensor_retrains_on_new_l
         neg = [ids[i] for i in np.flatnonzero(kind != k)[:16]]
         assert cli(["label", "--set", name, "--positive", *pos, "--negative", *neg, *wh_arg]) == 0
     assert cli(["label", "--set", "scarce", "--positive", ids[0], ids[1], "--negative", ids[2], *wh_arg]) == 0
+    wh = Warehouse(settings.warehouse)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for name in ("direct", "../escape"):  # written to `labels` without the CLI: not registered, one not a name
+        write_labels(wh, pl.DataFrame({"image_id": [ids[3]], "label_set": [name], "label": [True],
+                                       "source": ["sql"], "labelled_at": [now]}))
 
-    sensor_ctx = build_sensor_context(instance=instance, resources={"warehouse": resources["warehouse"]})
-    first = label_sensor(sensor_ctx)
-    assert sorted(r.partition_key for r in first.run_requests) == ["scarce", "violence", "watermark"]
-    assert not first.dynamic_partitions_requests  # `label` registered them already
-    again = label_sensor(build_sensor_context(instance=instance, cursor=first.cursor,
-                                              resources={"warehouse": resources["warehouse"]}))
-    assert not again.run_requests  # no new labels, no retraining
-    assert cli(["label", "--set", "violence", "--negative", ids[int(np.flatnonzero(kind == 0)[20])], *wh_arg]) == 0
-    later = label_sensor(build_sensor_context(instance=instance, cursor=first.cursor,
-                                              resources={"warehouse": resources["warehouse"]}))
-    assert [r.partition_key for r in later.run_requests] == ["violence"]
+    def tick(cursor: str | None = None):  # noqa: ANN202
+        return label_sensor(build_sensor_context(instance=instance, cursor=cursor,
+                                                 resources={"warehouse": resources["warehouse"]}))
+
+    first = tick()
+    assert sorted(r.partition_key for r in first.run_requests) == ["direct", "scarce", "violence", "watermark"]
+    (add,) = first.dynamic_partitions_requests  # `label` registered the others; "../escape" is refused
+    assert add.partition_keys == ["direct"]
+    assert not tick(first.cursor).run_requests  # no new labels, no new vectors: no retraining
+    relabel = ids[int(np.flatnonzero(kind == 1)[0])]  # the same count of labels, one changed
+    assert cli(["label", "--set", "violence", "--negative", relabel, *wh_arg]) == 0
+    assert [r.partition_key for r in tick(first.cursor).run_requests] == ["violence"]
+    assert cli(["label", "--set", "violence", "--positive", relabel, *wh_arg]) == 0
+    instance.add_dynamic_partitions(LABEL_SETS_PARTITIONS_NAME, ["../escape"])  # as the UI lets anyone do
+    with pytest.raises(Exception, match="use 1–64 letters"):  # a partition added by hand never names a path
+        materialize(ALL_ASSETS + ALL_CHECKS, selection=[filter_classifiers], partition_key="../escape",
+                    resources=resources, instance=instance)
+    with wh.connect() as con:
+        con.execute("DELETE FROM labels WHERE label_set IN ('direct', '../escape')")
+    first = tick()
 
     _corpus(resources, instance, ("scarce", "violence", "watermark"))
     assert _meta(instance, "scarce")["status"].startswith("needs ≥ 4 labels of each kind")
-    wh = Warehouse(settings.warehouse)
     reasons = wh.query("SELECT reason, count(*) AS n FROM removed_images WHERE reason LIKE 'filter:classifier:%' "
                        "GROUP BY 1")
     removed = dict(zip(reasons["reason"].to_list(), reasons["n"].to_list()))
@@ -182,6 +199,26 @@ def test_label_sets_are_partitions_that_combine_and_the_sensor_retrains_on_new_l
         target = {ids[i] for i in np.flatnonzero(kind == k)}
         assert len(gone & target) / len(target) >= 0.9
     assert wh.query("SELECT count(*) AS n FROM classifier_scores WHERE label_set = 'scarce'")["n"][0] == 0
+
+    # new vectors arrive: filtered_dataset says which sets have not scored them, the sensor retrains every set
+    extra = (x[:50] + 0.05 * rng.standard_normal((50, d))).astype(np.float32)
+    write_clip_pair(tmp_path / "emb", 1, extra / np.linalg.norm(extra, axis=1, keepdims=True),
+                    laion_metadata(50, 1, [f"a quiet street at dusk {r}" for r in range(50)]))
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["emb_1"])
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=PER_SHARD_ASSETS, partition_key="emb_1",
+                       resources=resources, instance=instance).success
+    assert sorted(r.partition_key for r in tick(first.cursor).run_requests) == ["scarce", "violence", "watermark"]
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=[a for a in ALL_ASSETS if a.key.to_user_string() in CORPUS],
+                       resources=resources, instance=instance).success
+    from dedup_assets_tests.defs.wiring import latest_meta
+
+    assert latest_meta(instance, "filtered_dataset")["classifier_unscored_images"] == {"violence": 50, "watermark": 50}
+    # a set whose labels are gone removes nothing, whatever scores it left behind
+    with wh.connect() as con:
+        con.execute("DELETE FROM labels WHERE label_set = 'watermark'")
+    assert materialize(ALL_ASSETS + ALL_CHECKS, selection=[a for a in ALL_ASSETS if a.key.to_user_string() == "filtered_dataset"],
+                       resources=resources, instance=instance).success
+    assert wh.query("SELECT count(*) AS n FROM removed_images WHERE reason = 'filter:classifier:watermark'")["n"][0] == 0
     # the catalog's column schema is the table's
     from dedup_assets.definitions import build_definitions
     from dedup_assets.warehouse import table_columns

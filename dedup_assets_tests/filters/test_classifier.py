@@ -67,9 +67,8 @@ def test_probabilities_are_calibrated_on_held_out_images_of_the_labelled_mix() -
     rest = np.setdiff1d(np.arange(len(y)), idx)
     s = clf.score(x[rest])
     p = clf.probability(s)
-    assert clf.platt[0] > 0 and np.all(np.diff(p[np.argsort(s)]) >= 0)  # a monotone map of the score
+    assert clf.platt[0] > 0  # a higher score is a higher probability
     brier, brier_raw = float(np.mean((p - y[rest]) ** 2)), float(np.mean((_sigmoid(s) - y[rest]) ** 2))
     ece = expected_calibration_error(p, y[rest])
     assert brier < brier_raw and ece < 0.08, (brier, brier_raw, ece)  # the raw scores are no probabilities
-    assert 0.0 < clf.threshold_probability < 1.0
     assert np.isfinite(clf.cv_brier) and clf.cv_brier < clf.cv_brier_uncalibrated and 0 <= clf.cv_ece < 0.3
